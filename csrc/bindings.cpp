@@ -1,0 +1,21 @@
+// Schemas of every CUDA op of sparsevit, registered as torch.ops.sparsevit.*.
+// The implementations live beside their kernels (TORCH_LIBRARY_IMPL in each .cu);
+// the fake kernels and autograd are registered in Python (sparsevit/ops/).
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// The module carries no Python functions: importing it registers the ops.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", "sparsevit CUDA kernels (see torch.ops.sparsevit)", -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(sparsevit, m) {
+  // Token dropping (csrc/token_gather.cu).
+  m.def("gather_tokens_cuda(Tensor x, Tensor index) -> Tensor");
+  m.def("scatter_tokens_cuda(Tensor src, Tensor index, Tensor base) -> Tensor");
+  m.def("scatter_add_tokens_cuda(Tensor src, Tensor index, int n) -> Tensor");
+}

@@ -1,0 +1,32 @@
+"""sparsevit: Triton and C++/CUDA kernels that make sparse Vision Transformers run faster.
+
+Quick start::
+
+    import sparsevit
+    sparsevit.backends()                       # what runs here, and why not
+    tokens, idx = sparsevit.select_tokens(x, scores, keep=0.7)
+
+The optional CUDA extension (``sparsevit._C``) is loaded first so that its ops are
+registered before the Python custom ops of the same namespace.
+"""
+
+from ._extension import SparseVitExtensionWarning, extension_loaded  # noqa: I001  (load _C first)
+from .backend import BACKENDS, BackendUnavailableError, backend_table, backends, choose_backend
+from .ops import gather_tokens, scatter_add_tokens, scatter_tokens, select_tokens
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "SparseVitExtensionWarning",
+    "backend_table",
+    "backends",
+    "choose_backend",
+    "extension_loaded",
+    "gather_tokens",
+    "scatter_tokens",
+    "scatter_add_tokens",
+    "select_tokens",
+    "__version__",
+]

@@ -1,0 +1,9 @@
+"""The public functional API of sparsevit: one module per op family.
+
+Every op validates its arguments, picks a backend (:mod:`sparsevit.backend`) and
+calls a ``torch.library`` custom op under the ``sparsevit`` namespace.
+"""
+
+from .token_gather import gather_tokens, scatter_add_tokens, scatter_tokens, select_tokens
+
+__all__ = ["gather_tokens", "scatter_tokens", "scatter_add_tokens", "select_tokens"]

@@ -1,0 +1,98 @@
+"""Pure-PyTorch references of every sparsevit op: the specification.
+
+Each function here is plain differentiable torch; the kernels in ``kernels/`` and
+``csrc/`` are tested against it, forward and backward.  They are also the
+``torch`` backend of each op.
+
+Token dropping (DynamicViT, Rao et al. 2021, Sec. 3.4; data-level tickets, Shen et
+al. 2023): with ``x (B, N, C)`` and an integer ``index (B, K)``,
+
+* ``gather_tokens``:      ``out[b, k] = x[b, index[b, k]]``, zero where the index is
+  outside ``[0, N)``;
+* ``scatter_tokens``:     ``out = base``; ``out[b, index[b, k]] = src[b, k]``, skipping
+  indices outside ``[0, N)``; with a repeated index one of the rows wins (which
+  one is unspecified);
+* ``scatter_add_tokens``: ``out = 0``; ``out[b, index[b, k]] += src[b, k]`` summed in
+  float32 and cast to the dtype of ``src``, skipping indices outside ``[0, n)``;
+* ``select_tokens``: the ``num_prefix`` leading tokens plus the ``keep`` highest
+  scoring others, in position or score order.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["gather_tokens", "scatter_tokens", "scatter_add_tokens", "select_tokens"]
+
+
+def _expand(index: torch.Tensor, channels: int) -> torch.Tensor:
+    return index.unsqueeze(-1).expand(-1, -1, channels)
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``out[b, k, :] = x[b, index[b, k], :]`` (zero for an index outside ``[0, N)``).
+
+    x: (B, N, C); index: (B, K) integer -> (B, K, C).
+    """
+    n = x.shape[1]
+    valid = (index >= 0) & (index < n)
+    safe = torch.where(valid, index, torch.zeros_like(index)).long()
+    out = x.gather(1, _expand(safe, x.shape[2]))
+    return torch.where(valid.unsqueeze(-1), out, torch.zeros_like(out))
+
+
+def _scatter_rows(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor, add: bool) -> torch.Tensor:
+    """Scatter with a spill row at position N that swallows out-of-range indices."""
+    b, n, c = out.shape
+    valid = (index >= 0) & (index < n)
+    spill_index = torch.where(valid, index, torch.full_like(index, n)).long()
+    padded = torch.cat([out, out.new_zeros(b, 1, c)], dim=1)
+    if add:
+        padded = padded.scatter_add(1, _expand(spill_index, c), src)
+    else:
+        padded = padded.scatter(1, _expand(spill_index, c), src)
+    return padded[:, :n]
+
+
+def scatter_tokens(src: torch.Tensor, index: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """``out = base``; ``out[b, index[b, k], :] = src[b, k, :]`` (out-of-range indices skipped).
+
+    src: (B, K, C); index: (B, K) integer; base: (B, N, C) -> (B, N, C).
+    """
+    return _scatter_rows(base, index, src, add=False)
+
+
+def scatter_add_tokens(src: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
+    """``out[b, i, :] = Σ_{k : index[b, k] = i} src[b, k, :]`` in float32, cast to ``src.dtype``.
+
+    src: (B, K, C); index: (B, K) integer -> (B, n, C).  The adjoint of :func:`gather_tokens`.
+    """
+    b, _, c = src.shape
+    acc = src.new_zeros((b, n, c), dtype=torch.float32)
+    return _scatter_rows(acc, index, src.float(), add=True).to(src.dtype)
+
+
+def select_index(scores: torch.Tensor, keep: int, num_prefix: int, order: str) -> torch.Tensor:
+    """Indices (B, num_prefix + keep) of the prefix tokens and the ``keep`` best others.
+
+    ``scores (B, N - num_prefix)`` rank the non-prefix tokens (higher is kept).
+    ``order="position"`` sorts the kept indices ascending; ``"score"`` keeps them in
+    descending score order.  The prefix indices ``0..num_prefix-1`` always come first.
+    """
+    b = scores.shape[0]
+    top = torch.topk(scores, keep, dim=1, largest=True, sorted=True).indices
+    if order == "position":
+        top = torch.sort(top, dim=1).values
+    prefix = torch.arange(num_prefix, device=scores.device).expand(b, num_prefix)
+    return torch.cat([prefix, top + num_prefix], dim=1)
+
+
+def select_tokens(
+    x: torch.Tensor, scores: torch.Tensor, keep: int, num_prefix: int = 1, order: str = "position"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the ``num_prefix`` leading tokens and the ``keep`` highest-scoring others.
+
+    x: (B, N, C); scores: (B, N - num_prefix) -> tokens (B, num_prefix + keep, C), index.
+    """
+    index = select_index(scores, keep, num_prefix, order)
+    return gather_tokens(x, index), index
