@@ -32,7 +32,7 @@ $(VENV)/bin/python:
 
 # torch first: the CUDA extension compiles against the torch already installed.
 $(VENV)/.deps-installed: setup.py | $(VENV)/bin/python
-	$(PY) -m pip install --upgrade "setuptools>=64" wheel ninja
+	$(PY) -m pip install --upgrade pip "setuptools>=64" wheel ninja
 	$(PY) -m pip install "torch>=2.4" numpy
 	touch $@
 
