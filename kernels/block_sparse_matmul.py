@@ -16,7 +16,8 @@ Two kernels serve the three products (dds, dsd, sdd) of
   block ``t`` at ``(i_t, j_t)`` only.
 
 Both accumulate in fp32 (``tl.dot`` on tensor cores for fp16/bf16; fp32 inputs use
-IEEE fp32 unless ``torch.backends.cuda.matmul.allow_tf32``) and take arbitrary
+IEEE fp32 unless ``torch.backends.cuda.matmul.allow_tf32``; see ``_precision`` for the
+interpreter's bf16) and take arbitrary
 strides, so transposed operands need no copy.  Configurations are autotuned per
 block size, dtype and problem size; under the Triton interpreter one small fixed
 configuration is used.
@@ -38,10 +39,12 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
+def _precision(dtype: torch.dtype) -> dict:
+    """``PRECISION`` of fp32 dots and ``UPCAST``: the interpreter's bf16 ``tl.dot`` returns
+    garbage (Triton 3.8), so there bf16 tiles are widened to fp32 first (exact)."""
+    upcast = dtype == torch.bfloat16 and _interpreting()
+    ieee = upcast or (dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32)
+    return dict(PRECISION="ieee" if ieee else "tf32", UPCAST=upcast)
 
 
 @triton.jit
@@ -54,7 +57,7 @@ def _rowlist_kernel(
     sob, som, son,
     HAS_PERM: tl.constexpr, BS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP: tl.constexpr, PRECISION: tl.constexpr,
+    GROUP: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bt = tl.program_id(1).to(tl.int64)
@@ -90,6 +93,9 @@ def _rowlist_kernel(
             a = tl.load(blk + (k0 + offs_k)[None, :] * s_vc)
             q = col * BS + k0 + offs_k
             x = tl.load(x_base + q[:, None] * sxq, mask=n_ok[None, :], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                x = x.to(tl.float32)
             acc = tl.dot(a, x, acc, input_precision=PRECISION)
     rows = (row * BS + r0 + offs_m).to(tl.int64)
     dst = out_ptr + bt * sob + rows[:, None] * som + offs_n[None, :].to(tl.int64) * son
@@ -103,7 +109,7 @@ def _sdd_kernel(
     sab, sam, sar,
     sbb, sbr, sbn,
     BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     sub = tl.program_id(1)
@@ -127,6 +133,9 @@ def _sdd_kernel(
         k64 = k.to(tl.int64)
         a = tl.load(a_rows + bt * sab + k64[None, :] * sar, mask=k_ok[None, :], other=0.0)
         b = tl.load(b_cols + bt * sbb + k64[:, None] * sbr, mask=k_ok[:, None], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
     dst = out_ptr + t * (BS * BS) + (r0 + offs_m)[:, None] * BS + (c0 + offs_n)[None, :]
     tl.store(dst, acc.to(out_ptr.dtype.element_ty))
@@ -205,7 +214,7 @@ def rowlist_matmul(
         x.stride(0), x.stride(1), x.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
     )
-    consts = dict(HAS_PERM=perm is not None, BS=bs, PRECISION=_precision(values.dtype))
+    consts = dict(HAS_PERM=perm is not None, BS=bs, **_precision(values.dtype))
     if _interpreting():
         cfg = dict(_FIXED, GROUP=2)
         grid = (num_row_blocks * (bs // cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), T)
@@ -246,7 +255,7 @@ def sdd(a: torch.Tensor, b: torch.Tensor, row_indices: torch.Tensor, col_indices
         a.stride(0), a.stride(1), a.stride(2),
         b.stride(0), b.stride(1), b.stride(2),
     )
-    consts = dict(BS=bs, PRECISION=_precision(a.dtype))
+    consts = dict(BS=bs, **_precision(a.dtype))
     if _interpreting():
         cfg = _FIXED
         _sdd_kernel[(nnz, (bs // 16) ** 2)](*args, **consts, **cfg)

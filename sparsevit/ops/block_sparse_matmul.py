@@ -175,7 +175,7 @@ def _dds_backward(ctx, grad: torch.Tensor):
             grad_values = _sdd_op(_mT(grad), a, index, bs, ctx.backend)
         else:  # B = S: dS = Σ aᵀ @ dout
             grad_values = _sdd_op(_mT(a), grad, index, bs, ctx.backend)
-    return grad_a, grad_values, None, None, None
+    return grad_a, grad_values, [None] * len(index), None, None
 
 
 def _dsd_setup(ctx, inputs, output) -> None:
@@ -195,7 +195,7 @@ def _dsd_backward(ctx, grad: torch.Tensor):
             grad_values = _sdd_op(grad, _mT(b), index, bs, ctx.backend)
     if ctx.needs_input_grad[2]:
         grad_b = _dsd_op(values, index, grad, not ctx.transposed, ctx.backend)  # Aᵀ @ dout
-    return grad_values, None, grad_b, None, None
+    return grad_values, [None] * len(index), grad_b, None, None
 
 
 def _sdd_setup(ctx, inputs, output) -> None:
@@ -212,7 +212,7 @@ def _sdd_backward(ctx, grad: torch.Tensor):
         grad_a = _dsd_op(grad, index, _mT(b), False, ctx.backend)  # dS @ bᵀ
     if ctx.needs_input_grad[1]:
         grad_b = _dds_op(_mT(a), grad, index, False, ctx.backend)  # aᵀ @ dS
-    return grad_a, grad_b, None, None, None
+    return grad_a, grad_b, [None] * len(index), None, None
 
 
 _dds_op.register_autograd(_dds_backward, setup_context=_dds_setup)
