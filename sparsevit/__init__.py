@@ -16,6 +16,7 @@ from ._extension import SparseVitExtensionWarning, extension_loaded  # noqa: I00
 from .backend import BACKENDS, BackendUnavailableError, backend_table, backends, choose_backend
 from .block_sparse import BlockSparseMatrix
 from .layout import BlockSparseLayout
+from . import nn  # noqa: E402  (sparsevit.nn.BlockSparseLinear)
 from .ops import dds, dsd, sdd, gather_tokens, scatter_add_tokens, scatter_tokens, select_tokens
 
 __version__ = "0.1.0"
