@@ -16,6 +16,10 @@ al. 2023): with ``x (B, N, C)`` and an integer ``index (B, K)``,
   float32 and cast to the dtype of ``src``, skipping indices outside ``[0, n)``;
 * ``select_tokens``: the ``num_prefix`` leading tokens plus the ``keep`` highest
   scoring others, in position or score order.
+
+Block-sparse matmul (block-granular RigL sparsity, Evci et al. 2020): dense matmuls
+with the block mask applied, ``dds`` (``a @ S``), ``dsd`` (``S @ b``) and ``sdd`` (the
+kept blocks of ``Σ_batch a @ b``), with ``S`` given by its packed blocks.
 """
 
 from __future__ import annotations
