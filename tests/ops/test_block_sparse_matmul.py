@@ -191,3 +191,31 @@ def test_sdd_matches_full_product_on_dense_layout() -> None:
     dense = torch.randn(48, 32)
     mat = BlockSparseMatrix.from_dense(dense, BlockSparseLayout.dense((48, 32), 16))
     torch.testing.assert_close(sparsevit.dds(a[0].float().t(), mat.t()), a[0].float().t() @ dense.t())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("block_size", [32, 64, 128])
+def test_gpu_vit_like_shapes(backend: str, dtype: torch.dtype, block_size: int) -> None:
+    """Every product with ViT-like token counts (197 per image) at the real block sizes."""
+    require_backend(backend)
+    dev = torch.device("cuda")
+    layout = BlockSparseLayout.random((256, 384), block_size, 0.5, device=dev)
+    args = (layout.row_indices, layout.col_indices, layout.shape)
+    values = torch.randn(layout.nnz_blocks, block_size, block_size, device=dev)
+    x = torch.randn(3, 197, 384, device=dev)
+    _run_case(
+        lambda x, v: sparsevit.dds(x, BlockSparseMatrix(v, layout).t(), backend=backend),
+        lambda x, v: reference.dds(x, v, *args, True), [x, values], dtype,
+    )
+    b = torch.randn(2, 384, 197, device=dev)
+    _run_case(
+        lambda v, b: sparsevit.dsd(BlockSparseMatrix(v, layout), b, backend=backend),
+        lambda v, b: reference.dsd(v, *args, b), [values, b], dtype,
+    )
+    a = torch.randn(3, 197, 256, device=dev)
+    _run_case(
+        lambda a, x: sparsevit.sdd(a.mT, x, layout, backend=backend).values,
+        lambda a, x: reference.sdd(a.mT, x, layout.row_indices, layout.col_indices, block_size), [a, x], dtype,
+    )
