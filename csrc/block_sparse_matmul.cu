@@ -33,9 +33,10 @@ constexpr int kThreads = 128;  // 4 warps per CTA
 constexpr int kWarps = kThreads / 32;
 constexpr int kTileN = 64;  // output columns per CTA of the row-list kernel
 
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+// The 16-bit overloads serve the CUDA-core path where a type has no WMMA on the target (bf16 before sm_80).
+[[maybe_unused]] __device__ __forceinline__ float to_float(float x) { return x; }
+[[maybe_unused]] __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+[[maybe_unused]] __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 template <typename T>
 __device__ __forceinline__ T from_float(float x);
@@ -106,15 +107,16 @@ struct WmmaTile {
 #pragma unroll
     for (int i = 0; i < kPer; ++i) {
       const int f = warp + i * kWarps;
-      if (f >= kFrags) break;
-      const int fm = f / (TN / 16), fn = f % (TN / 16);
+      if (f < kFrags) {  // warp-uniform
+        const int fm = f / (TN / 16), fn = f % (TN / 16);
 #pragma unroll
-      for (int kk = 0; kk < KC; kk += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
-        wmma::load_matrix_sync(fa, As + fm * 16 * lda<KC>() + kk, lda<KC>());
-        wmma::load_matrix_sync(fb, Bs + kk * ldb<TN>() + fn * 16, ldb<TN>());
-        wmma::mma_sync(acc[i], fa, fb, acc[i]);
+        for (int kk = 0; kk < KC; kk += 16) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
+          wmma::load_matrix_sync(fa, As + fm * 16 * lda<KC>() + kk, lda<KC>());
+          wmma::load_matrix_sync(fb, Bs + kk * ldb<TN>() + fn * 16, ldb<TN>());
+          wmma::mma_sync(acc[i], fa, fb, acc[i]);
+        }
       }
     }
   }
@@ -123,9 +125,10 @@ struct WmmaTile {
 #pragma unroll
     for (int i = 0; i < kPer; ++i) {
       const int f = warp + i * kWarps;
-      if (f >= kFrags) break;
-      const int fm = f / (TN / 16), fn = f % (TN / 16);
-      nvcuda::wmma::store_matrix_sync(Cs + fm * 16 * ldc<TN>() + fn * 16, acc[i], ldc<TN>(), nvcuda::wmma::mem_row_major);
+      if (f < kFrags) {
+        const int fm = f / (TN / 16), fn = f % (TN / 16);
+        nvcuda::wmma::store_matrix_sync(Cs + fm * 16 * ldc<TN>() + fn * 16, acc[i], ldc<TN>(), nvcuda::wmma::mem_row_major);
+      }
     }
   }
 };
