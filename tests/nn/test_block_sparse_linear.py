@@ -80,6 +80,25 @@ def test_inside_timm_mlp(backend: str) -> None:
     torch.testing.assert_close(mlp(x), reference(x), atol=1e-5, rtol=1e-4)
 
 
+def test_timm_vit_mlp_conversion() -> None:
+    """Convert only the MLPs of a tiny timm ViT; it matches the ViT with block-masked MLP weights."""
+    vit_mod = pytest.importorskip("timm.models.vision_transformer")
+    vit = vit_mod.VisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0,
+                                    num_classes=16).eval()
+    reference = vit_mod.VisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0,
+                                          num_classes=16).eval()
+    reference.load_state_dict(vit.state_dict())
+    report = sparsify_linears(vit, block_size=16, sparsity=0.5, filter=lambda name, m: ".mlp." in name)
+    assert report.converted == ["blocks.0.mlp.fc1", "blocks.0.mlp.fc2", "blocks.1.mlp.fc1", "blocks.1.mlp.fc2"]
+    assert report.skipped["blocks.0.attn.qkv"] == "excluded by the filter" and "head" in report.skipped
+    for i in range(2):
+        mlp = vit.blocks[i].mlp
+        reference.blocks[i].mlp.fc1, reference.blocks[i].mlp.fc2 = mlp.fc1.to_dense(), mlp.fc2.to_dense()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(vit(x), reference(x), atol=1e-5, rtol=1e-4)
+
+
 def test_converter_reports_skips() -> None:
     model = nn.Sequential()
     model.add_module("fc", nn.Linear(32, 32))

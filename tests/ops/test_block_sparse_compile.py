@@ -47,15 +47,19 @@ def _reference_model(x: torch.Tensor, values: torch.Tensor, layout: BlockSparseL
     return h.pow(2).sum() + back.sum() + g.sum()
 
 
+COMPILERS = ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)]
+
+
 @pytest.mark.parametrize("backend", backend_params())
-def test_compile_fullgraph(backend: str) -> None:
+@pytest.mark.parametrize("compiler", COMPILERS)
+def test_compile_fullgraph(backend: str, compiler: str) -> None:
     require_backend(backend)
     torch._dynamo.reset()
     dev = device_for(backend)
     layout = _layout(dev)
     x = torch.randn(2, 3, 32, device=dev, requires_grad=True)
     values = torch.randn(layout.nnz_blocks, 16, 16, device=dev, requires_grad=True)
-    compiled = torch.compile(_model, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(_model, fullgraph=True, backend=compiler)
     loss = compiled(x, values, layout, backend)
     grads = torch.autograd.grad(loss, (x, values))
     x_ref = x.detach().clone().requires_grad_()
