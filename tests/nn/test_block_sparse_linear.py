@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from timm.layers import Mlp
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from sparsevit import BlockSparseLayout
@@ -69,23 +71,21 @@ def test_state_dict_round_trip_adopts_layout() -> None:
 def test_inside_timm_mlp(backend: str) -> None:
     """Swap fc1/fc2 of timm's Mlp; the output equals the Mlp with block-masked weights."""
     require_backend(backend)
-    timm_layers = pytest.importorskip("timm.layers")
-    mlp = timm_layers.Mlp(in_features=32, hidden_features=64, out_features=32)
+    mlp = Mlp(in_features=32, hidden_features=64, out_features=32)
     x = torch.randn(2, 3, 32)
     report = sparsify_linears(mlp, block_size=16, sparsity=0.5, backend=backend)
     assert report.converted == ["fc1", "fc2"] and report.skipped == {}
     assert isinstance(mlp.fc1, BlockSparseLinear) and isinstance(mlp.fc2, BlockSparseLinear)
-    reference = timm_layers.Mlp(in_features=32, hidden_features=64, out_features=32)
+    reference = Mlp(in_features=32, hidden_features=64, out_features=32)
     reference.fc1, reference.fc2 = mlp.fc1.to_dense(), mlp.fc2.to_dense()
     torch.testing.assert_close(mlp(x), reference(x), atol=1e-5, rtol=1e-4)
 
 
 def test_timm_vit_mlp_conversion() -> None:
     """Convert only the MLPs of a tiny timm ViT; it matches the ViT with block-masked MLP weights."""
-    vit_mod = pytest.importorskip("timm.models.vision_transformer")
-    vit = vit_mod.VisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0,
+    vit = VisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0,
                                     num_classes=16).eval()
-    reference = vit_mod.VisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0,
+    reference = VisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0,
                                           num_classes=16).eval()
     reference.load_state_dict(vit.state_dict())
     report = sparsify_linears(vit, block_size=16, sparsity=0.5, filter=lambda name, m: ".mlp." in name)
