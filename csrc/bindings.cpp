@@ -18,4 +18,12 @@ TORCH_LIBRARY(sparsevit, m) {
   m.def("gather_tokens_cuda(Tensor x, Tensor index) -> Tensor");
   m.def("scatter_tokens_cuda(Tensor src, Tensor index, Tensor base) -> Tensor");
   m.def("scatter_add_tokens_cuda(Tensor src, Tensor index, int n) -> Tensor");
+  // Block-sparse matmul (csrc/block_sparse_matmul.cu).
+  m.def(
+      "dds_cuda(Tensor a, Tensor values, Tensor offsets, Tensor indices, Tensor? perm, bool transpose_blocks, "
+      "int cols) -> Tensor");
+  m.def(
+      "dsd_cuda(Tensor values, Tensor offsets, Tensor indices, Tensor? perm, bool transpose_blocks, Tensor b, "
+      "int rows) -> Tensor");
+  m.def("sdd_cuda(Tensor a, Tensor b, Tensor row_indices, Tensor col_indices, int block_size) -> Tensor");
 }

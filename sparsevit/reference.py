@@ -16,13 +16,20 @@ al. 2023): with ``x (B, N, C)`` and an integer ``index (B, K)``,
   float32 and cast to the dtype of ``src``, skipping indices outside ``[0, n)``;
 * ``select_tokens``: the ``num_prefix`` leading tokens plus the ``keep`` highest
   scoring others, in position or score order.
+
+Block-sparse matmul (block-granular RigL sparsity, Evci et al. 2020): dense matmuls
+with the block mask applied, ``dds`` (``a @ S``), ``dsd`` (``S @ b``) and ``sdd`` (the
+kept blocks of ``Σ_batch a @ b``), with ``S`` given by its packed blocks.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["gather_tokens", "scatter_tokens", "scatter_add_tokens", "select_tokens"]
+__all__ = [
+    "gather_tokens", "scatter_tokens", "scatter_add_tokens", "select_tokens",
+    "block_sparse_to_dense", "dense_to_block_sparse", "dds", "dsd", "sdd",
+]
 
 
 def _flat_rows(index: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,3 +106,74 @@ def select_tokens(
     """
     index = select_index(scores, keep, num_prefix, order)
     return gather_tokens(x, index), index
+
+
+# ----------------------------------------------------------------------------------
+# Block-sparse matmul (RigL-style block sparsity, Evci et al. 2020): dense matmuls
+# with the block mask applied.  A block-sparse (M, K) matrix S at block size b is its
+# packed blocks ``values (nnz, b, b)`` at block coordinates (row_indices, col_indices).
+# ----------------------------------------------------------------------------------
+def block_sparse_to_dense(
+    values: torch.Tensor, row_indices: torch.Tensor, col_indices: torch.Tensor, shape: tuple[int, int]
+) -> torch.Tensor:
+    """The dense ``(M, K)`` matrix ``S`` with ``S[i·b:(i+1)·b, j·b:(j+1)·b] = values[t]`` for
+    ``(i, j) = (row_indices[t], col_indices[t])`` and zeros elsewhere (differentiable in ``values``)."""
+    b = values.shape[-1]
+    m, k = shape
+    blocks = values.new_zeros((m // b, k // b, b, b))
+    blocks = blocks.index_put((row_indices.long(), col_indices.long()), values)
+    return blocks.permute(0, 2, 1, 3).reshape(m, k)
+
+
+def dense_to_block_sparse(
+    dense: torch.Tensor, row_indices: torch.Tensor, col_indices: torch.Tensor, block_size: int
+) -> torch.Tensor:
+    """The blocks ``values[t] = dense[..., i·b:(i+1)·b, j·b:(j+1)·b]`` at ``(i, j) = (row_indices[t],
+    col_indices[t])``: ``dense (..., M, K)`` -> ``(..., nnz, b, b)``."""
+    b = block_size
+    *lead, m, k = dense.shape
+    blocks = dense.reshape(*lead, m // b, b, k // b, b).transpose(-3, -2)
+    return blocks[..., row_indices.long(), col_indices.long(), :, :]
+
+
+def _sparse_operand(values, row_indices, col_indices, shape, transposed):
+    s = block_sparse_to_dense(values, row_indices, col_indices, shape)
+    return s.t() if transposed else s
+
+
+def dds(
+    a: torch.Tensor, values: torch.Tensor, row_indices: torch.Tensor, col_indices: torch.Tensor,
+    shape: tuple[int, int], transposed: bool = False,
+) -> torch.Tensor:
+    """``out = a @ B`` with ``B = S`` (or ``Sᵀ`` when ``transposed``), ``S (M, K)`` block-sparse.
+
+    a: (..., P, Q) -> (..., P, N) where ``B`` is ``(Q, N)``.
+    """
+    return torch.matmul(a, _sparse_operand(values, row_indices, col_indices, shape, transposed))
+
+
+def dsd(
+    values: torch.Tensor, row_indices: torch.Tensor, col_indices: torch.Tensor, shape: tuple[int, int],
+    b: torch.Tensor, transposed: bool = False,
+) -> torch.Tensor:
+    """``out = A @ b`` with ``A = S`` (or ``Sᵀ``), ``S (M, K)`` block-sparse.
+
+    b: (..., Q, N) -> (..., R, N) where ``A`` is ``(R, Q)``.
+    """
+    return torch.matmul(_sparse_operand(values, row_indices, col_indices, shape, transposed), b)
+
+
+def sdd(
+    a: torch.Tensor, b: torch.Tensor, row_indices: torch.Tensor, col_indices: torch.Tensor, block_size: int
+) -> torch.Tensor:
+    """The kept blocks of ``Σ_batch a @ b``: a (..., M, R), b (..., R, N) -> (nnz, b, b).
+
+    Leading batch dims (the same on both) are summed over, as in a weight gradient
+    ``dW = Σ_tokens dyᵀ x``; the batch is folded into the contraction so that half
+    precision inputs are summed by one matmul (fp32 accumulation).
+    """
+    m, r = a.shape[-2:]
+    n = b.shape[-1]
+    a2 = a.reshape(-1, m, r).permute(1, 0, 2).reshape(m, -1)
+    b2 = b.reshape(-1, r, n).reshape(-1, n)
+    return dense_to_block_sparse(a2 @ b2, row_indices, col_indices, block_size)

@@ -4,6 +4,7 @@ Every op validates its arguments, picks a backend (:mod:`sparsevit.backend`) and
 calls a ``torch.library`` custom op under the ``sparsevit`` namespace.
 """
 
+from .block_sparse_matmul import dds, dsd, sdd
 from .token_gather import gather_tokens, scatter_add_tokens, scatter_tokens, select_tokens
 
-__all__ = ["gather_tokens", "scatter_tokens", "scatter_add_tokens", "select_tokens"]
+__all__ = ["dds", "dsd", "sdd", "gather_tokens", "scatter_tokens", "scatter_add_tokens", "select_tokens"]
