@@ -12,7 +12,7 @@ registered before the Python custom ops of the same namespace.
 
 from ._extension import SparseVitExtensionWarning, extension_loaded  # noqa: I001  (load _C first)
 from .backend import BACKENDS, BackendUnavailableError, backend_table, backends, choose_backend
-from .ops import gather_tokens, scatter_add_tokens, scatter_tokens, select_tokens
+from .ops import gather_tokens, masked_attention, masked_softmax, scatter_add_tokens, scatter_tokens, select_tokens
 
 __version__ = "0.1.0"
 
@@ -25,6 +25,8 @@ __all__ = [
     "choose_backend",
     "extension_loaded",
     "gather_tokens",
+    "masked_attention",
+    "masked_softmax",
     "scatter_tokens",
     "scatter_add_tokens",
     "select_tokens",
