@@ -18,4 +18,9 @@ TORCH_LIBRARY(sparsevit, m) {
   m.def("gather_tokens_cuda(Tensor x, Tensor index) -> Tensor");
   m.def("scatter_tokens_cuda(Tensor src, Tensor index, Tensor base) -> Tensor");
   m.def("scatter_add_tokens_cuda(Tensor src, Tensor index, int n) -> Tensor");
+  // DynamicViT masked softmax (csrc/masked_softmax.cu): probabilities, row max, row denominator.
+  m.def("masked_softmax_cuda(Tensor scores, Tensor? keep, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "masked_softmax_backward_cuda(Tensor grad, Tensor scores, Tensor? keep, Tensor row_max, Tensor row_sum, "
+      "float eps) -> (Tensor, Tensor)");
 }
