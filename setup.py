@@ -25,6 +25,8 @@ PACKAGES = [
     "sparsevit",
     "sparsevit.ops",
     "sparsevit.kernels",
+    "sparsevit.nn",
+    "sparsevit.integrations",
 ]
 
 
