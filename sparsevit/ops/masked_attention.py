@@ -37,9 +37,11 @@ TRITON_MAX_HEAD_DIM = 256
 
 
 def _triton_check(tensors) -> Optional[str]:
-    d = tensors[0].shape[-1]
+    b, h, _, d = tensors[0].shape
     if d > TRITON_MAX_HEAD_DIM:
         return f"head dim D={d} exceeds {TRITON_MAX_HEAD_DIM}"
+    if b * h > 65535:
+        return f"B*H={b * h} exceeds the 65535 programs of one grid dimension"
     return None
 
 

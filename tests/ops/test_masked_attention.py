@@ -143,3 +143,16 @@ def test_bool_keep_gets_no_grad_and_soft_keep_does() -> None:
     soft = torch.full((1, 5), 0.5, requires_grad=True)
     (sparsevit.masked_attention(q, k, v, soft) * torch.randn(1, 1, 5, 8)).sum().backward()
     assert soft.grad is not None and soft.grad.abs().sum() > 0 and soft.grad.dtype == soft.dtype
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [197, 200])
+@pytest.mark.parametrize("d", [32, 64, 80, 96, 128])
+def test_vit_sizes_on_gpu(backend: str, dtype: torch.dtype, n: int, d: int) -> None:
+    """ViT lengths (DeiT N = 197) and every supported head dim, soft mask, on the GPU."""
+    require_backend(backend)
+    dev = device_for(backend)
+    q, k, v = (torch.randn(2, 3, n, d, device=dev, dtype=dtype) for _ in range(3))
+    _check(backend, dtype, q, k, v, make_keep("soft", 2, n, dev), 1e-6, d ** -0.5)
