@@ -12,7 +12,7 @@ from helpers import DTYPES, backend_params, device_for, require_backend
 from masked_helpers import dynamicvit_attention, make_keep, max_err
 
 # (B, H, N, D, keep kind, eps): odd N (1, 2, 5, 13, 17), D not a power of two, batch 1,
-# keep all ones / all zeros / bool / soft / none, eps large enough to matter.
+# keep all ones / all zeros / bool / soft / none, eps large enough to matter, ViT lengths.
 CASES = [
     (1, 1, 1, 32, "soft", 1e-6),
     (2, 2, 2, 20, "bool", 1e-6),
@@ -21,6 +21,8 @@ CASES = [
     (2, 2, 13, 32, "none", 1e-6),
     (1, 1, 17, 80, "soft", 0.05),
     (2, 1, 13, 24, "soft", 0.0),
+    (1, 1, 197, 64, "soft", 1e-6),  # DeiT's N
+    (1, 1, 200, 20, "bool", 0.01),
 ]
 
 
