@@ -53,14 +53,18 @@ def _reference_model(q, k, v, keep):
     return (out * out).sum() + probs[:, :, 0].pow(2).sum()
 
 
+COMPILERS = ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)]
+
+
 @pytest.mark.parametrize("backend", backend_params())
-def test_compile_fullgraph(backend: str) -> None:
+@pytest.mark.parametrize("compiler", COMPILERS)
+def test_compile_fullgraph(backend: str, compiler: str) -> None:
     require_backend(backend)
     torch._dynamo.reset()
     dev = device_for(backend)
     q, k, v = _qkv(dev)
     keep = torch.rand(2, 7, device=dev, requires_grad=True)
-    compiled = torch.compile(_model, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(_model, fullgraph=True, backend=compiler)
     loss = compiled(q, k, v, keep, backend)
     grads = torch.autograd.grad(loss, [q, k, v, keep])
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, keep)]
