@@ -250,14 +250,18 @@ def _interpret_tiles(n: int) -> dict:
     return dict(BLOCK_M=tile, BLOCK_N=tile)
 
 
-def _configs() -> list:
-    out = []
-    for bm in (64, 128):
-        for bn in (32, 64, 128):
-            for warps in (4, 8):
-                for stages in (2, 3):
-                    out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages))
-    return out
+# (BLOCK_M, BLOCK_N, num_warps, num_stages): a short list, so that the first call at a
+# new N tunes in seconds; tiles too large for shared memory are skipped by the autotuner.
+_FWD_CONFIGS = [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (128, 32, 4, 3), (64, 32, 4, 2)]
+_BWD_CONFIGS = [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (64, 128, 8, 2)]
+
+
+def _configs(name: str) -> list:
+    table = _FWD_CONFIGS if name == "fwd" else _BWD_CONFIGS
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+        for bm, bn, warps, stages in table
+    ]
 
 
 _TUNED: dict = {}
@@ -266,7 +270,7 @@ _TUNED: dict = {}
 def _kernel(name: str, fn):
     """The autotuned wrapper of ``fn`` (built once, only when kernels really compile)."""
     if name not in _TUNED:
-        _TUNED[name] = triton.autotune(configs=_configs(), key=["N", "BLOCK_D", "HAS_KEEP", "PRECISION"])(fn)
+        _TUNED[name] = triton.autotune(configs=_configs(name), key=["N", "BLOCK_D", "HAS_KEEP", "PRECISION"])(fn)
     return _TUNED[name]
 
 
