@@ -119,6 +119,29 @@ def _masked_attention_fwd_kernel(
 
 
 @triton.jit
+def _masked_attention_bwd_delta_kernel(
+    O, DO, DELTA,
+    sob, soh, son, sod,
+    sdb, sdh, sdn, sdd,
+    H, N, D,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # Δ_i = dO_i · O_i in float32, one (B, H) slice and BLOCK_M rows per program.
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < N
+    mask = m_ok[:, None] & (offs_d < D)[None, :]
+    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod, mask=mask, other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :] * sdd, mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * N + offs_m, delta, mask=m_ok)
+
+
+@triton.jit
 def _masked_attention_bwd_dkdv_kernel(
     Q, K, V, KEEP, DO, M, S, DELTA, DK, DV, DKEEP,
     sqb, sqh, sqn, sqd,
@@ -349,7 +372,8 @@ def masked_attention_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused backward: ``(dq, dk, dv, dkeep (B, N) fp32)``; dkeep is zero when keep is None.
 
-    ``out, m, s`` are the forward's outputs; ``Δ = rowsum(dO ∘ O)`` is computed here.
+    ``out, m, s`` are the forward's outputs; ``Δ = rowsum(dO ∘ O)`` is computed here
+    (a pre-pass kernel, from the rounded ``out`` as in FlashAttention).
     """
     B, H, N, D = q.shape
     grad = grad.contiguous()
@@ -359,7 +383,12 @@ def masked_attention_bwd(
     dkeep_heads = torch.zeros((B, H, N), dtype=torch.float32, device=q.device)
     if dq.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_(), dkeep_heads.sum(1)
-    delta = (grad.float() * out.float()).sum(-1).contiguous()
+    delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+    block_d = max(16, triton.next_power_of_2(D))
+    rows = 16 if _interpreting() else 64
+    _masked_attention_bwd_delta_kernel[(triton.cdiv(N, rows), B * H)](
+        out, grad, delta, *_strides(out), *_strides(grad), H, N, D, BLOCK_M=rows, BLOCK_D=block_d,
+    )
     m = m.contiguous()
     s = s.contiguous()
     keep_t, skpb, skpn = _keep_args(keep, q)
