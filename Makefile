@@ -55,7 +55,7 @@ bench: install
 # GPU, compute-sanitizer (memcheck, racecheck) over the CUDA-backend tests, then the
 # full suites; logs and JSON go to $(GPU_OUT).
 GPU_OUT ?= gpu-out
-SUITES ?= tokens
+SUITES ?= tokens blocksparse attention
 gpu-check:
 	mkdir -p $(GPU_OUT)
 	$(MAKE) install SYSTEM_PYTHON=1 > $(GPU_OUT)/build.log 2>&1 || (tail -50 $(GPU_OUT)/build.log; exit 1)

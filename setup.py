@@ -26,6 +26,7 @@ PACKAGES = [
     "sparsevit.ops",
     "sparsevit.nn",
     "sparsevit.kernels",
+    "sparsevit.integrations",
 ]
 
 

@@ -26,4 +26,9 @@ TORCH_LIBRARY(sparsevit, m) {
       "dsd_cuda(Tensor values, Tensor offsets, Tensor indices, Tensor? perm, bool transpose_blocks, Tensor b, "
       "int rows) -> Tensor");
   m.def("sdd_cuda(Tensor a, Tensor b, Tensor row_indices, Tensor col_indices, int block_size) -> Tensor");
+  // DynamicViT masked softmax (csrc/masked_softmax.cu): probabilities, row max, row denominator.
+  m.def("masked_softmax_cuda(Tensor scores, Tensor? keep, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "masked_softmax_backward_cuda(Tensor grad, Tensor scores, Tensor? keep, Tensor row_max, Tensor row_sum, "
+      "float eps) -> (Tensor, Tensor)");
 }

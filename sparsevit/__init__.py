@@ -17,7 +17,7 @@ from .backend import BACKENDS, BackendUnavailableError, backend_table, backends,
 from .block_sparse import BlockSparseMatrix
 from .layout import BlockSparseLayout
 from . import nn  # noqa: E402  (sparsevit.nn.BlockSparseLinear)
-from .ops import dds, dsd, sdd, gather_tokens, scatter_add_tokens, scatter_tokens, select_tokens
+from .ops import dds, dsd, gather_tokens, masked_attention, masked_softmax, scatter_add_tokens, scatter_tokens, sdd, select_tokens
 
 __version__ = "0.1.0"
 
@@ -35,6 +35,8 @@ __all__ = [
     "dsd",
     "sdd",
     "gather_tokens",
+    "masked_attention",
+    "masked_softmax",
     "scatter_tokens",
     "scatter_add_tokens",
     "select_tokens",

@@ -20,6 +20,16 @@ al. 2023): with ``x (B, N, C)`` and an integer ``index (B, K)``,
 Block-sparse matmul (block-granular RigL sparsity, Evci et al. 2020): dense matmuls
 with the block mask applied, ``dds`` (``a @ S``), ``dsd`` (``S @ b``) and ``sdd`` (the
 kept blocks of ``Σ_batch a @ b``), with ``S`` given by its packed blocks.
+
+Masked-softmax attention (DynamicViT, Rao et al. 2021, Sec. 3.3, Eq. 11; the public
+implementation's ``softmax_with_policy``): with ``P = Q Kᵀ · scale``, ``m_i = max_j P_ij``
+over all N keys, ``G_ij = 1`` if ``i = j`` else ``keep_j``,
+
+* ``masked_softmax``:   ``Ã_ij = (exp(P_ij − m_i) G_ij + eps/N) / (Σ_k exp(P_ik − m_i) G_ik + eps)``;
+* ``masked_attention``: ``out = Ã V``.
+
+The row max is a constant of the backward pass (detached); the public implementation
+differentiates through it, which changes the gradients only by terms of order eps.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ import torch
 __all__ = [
     "gather_tokens", "scatter_tokens", "scatter_add_tokens", "select_tokens",
     "block_sparse_to_dense", "dense_to_block_sparse", "dds", "dsd", "sdd",
+    "masked_softmax", "masked_attention",
 ]
 
 
@@ -177,3 +188,106 @@ def sdd(
     a2 = a.reshape(-1, m, r).permute(1, 0, 2).reshape(m, -1)
     b2 = b.reshape(-1, r, n).reshape(-1, n)
     return dense_to_block_sparse(a2 @ b2, row_indices, col_indices, block_size)
+
+
+def _keep_gate(keep: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """``G (B, 1, N, N)``: ``G_ij = 1`` on the diagonal, ``keep_j`` elsewhere."""
+    g = keep.to(dtype).reshape(keep.shape[0], 1, 1, n)
+    eye = torch.eye(n, dtype=dtype, device=keep.device).view(1, 1, n, n)
+    return g + (1.0 - g) * eye
+
+
+def masked_softmax(scores: torch.Tensor, keep: "torch.Tensor | None", eps: float = 1e-6) -> torch.Tensor:
+    """DynamicViT's masked softmax over the last dim, in float32 (float64 for float64 input).
+
+    ``Ã_ij = (exp(P_ij − m_i) G_ij + eps/N) / (Σ_k exp(P_ik − m_i) G_ik + eps)`` with
+    ``m_i = max_k P_ik`` over all keys (detached) and ``G_ij = 1`` if ``i = j`` else
+    ``keep_j``.  ``keep=None`` is the ordinary softmax (no eps terms).
+
+    scores: (B, H, N, N); keep: (B, N) float in [0, 1] or bool, or None -> (B, H, N, N),
+    dtype of ``scores``.
+    """
+    n = scores.shape[-1]
+    work = torch.float64 if scores.dtype == torch.float64 else torch.float32
+    p = scores.to(work)
+    if keep is None:
+        return torch.softmax(p, dim=-1).to(scores.dtype)
+    m = p.amax(dim=-1, keepdim=True).detach()
+    w = (p - m).exp() * _keep_gate(keep, n, work)
+    out = (w + eps / n) / (w.sum(dim=-1, keepdim=True) + eps)
+    return out.to(scores.dtype)
+
+
+def masked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    keep: "torch.Tensor | None" = None,
+    scale: "float | None" = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """``out = masked_softmax(Q Kᵀ · scale, keep, eps) V`` (DynamicViT's masked attention).
+
+    q, k, v: (B, H, N, D); keep: (B, N) or None; ``scale`` defaults to ``D ** -0.5``.
+    Scores, exponentials and sums in float32 (float64 for float64 input); the
+    probabilities are cast to the dtype of ``v`` before the product with V, as a
+    fused kernel does.  Returns (B, H, N, D) in the dtype of ``q``.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scores = torch.matmul(q.to(work), k.to(work).transpose(-2, -1)) * scale
+    attn = masked_softmax(scores, keep, eps)
+    return torch.matmul(attn.to(v.dtype).to(work), v.to(work)).to(q.dtype)
+
+
+# ----------------------------------------------------------------------------------
+# Closed-form forward statistics and gradients of the masked softmax (the torch
+# backend of the custom ops; tested against autograd through the functions above).
+# With e_ij = exp(P_ij − m_i), w_ij = e_ij G_ij, S_i = Σ_j w_ij + eps,
+# Ã_ij = (w_ij + eps/N) / S_i and an upstream gradient dÃ:
+#   Δ_i = Σ_j dÃ_ij Ã_ij,   dP_ij = w_ij (dÃ_ij − Δ_i) / S_i,
+#   dkeep_j = Σ_{h, i ≠ j} e_ij (dÃ_ij − Δ_i) / S_i   (m_i held constant).
+# ----------------------------------------------------------------------------------
+def masked_softmax_stats(
+    scores: torch.Tensor, keep: "torch.Tensor | None", eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(Ã, m, S)``: probabilities (float32) and the row max and denominator (B, H, N) float32.
+
+    ``keep=None`` means ``G = 1``; pass ``eps=0`` then for the ordinary softmax.
+    """
+    n = scores.shape[-1]
+    p = scores.float()
+    m = p.amax(dim=-1)
+    w = (p - m.unsqueeze(-1)).exp()
+    if keep is not None:
+        w = w * _keep_gate(keep, n, torch.float32)
+    s = w.sum(dim=-1) + eps
+    return (w + eps / max(n, 1)) / s.unsqueeze(-1), m, s
+
+
+def masked_softmax_grads(
+    grad: torch.Tensor,
+    scores: torch.Tensor,
+    keep: "torch.Tensor | None",
+    m: torch.Tensor,
+    s: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dP (B, H, N, N) float32, dkeep (B, N) float32)`` for upstream ``grad = dÃ``.
+
+    ``dkeep`` is zero when ``keep`` is None.
+    """
+    b, _, n, _ = scores.shape
+    e = (scores.float() - m.unsqueeze(-1)).exp()
+    g = _keep_gate(keep, n, torch.float32) if keep is not None else torch.ones((), device=scores.device)
+    w = e * g
+    attn = (w + eps / max(n, 1)) / s.unsqueeze(-1)
+    da = grad.float()
+    delta = (da * attn).sum(dim=-1, keepdim=True)
+    t = (da - delta) / s.unsqueeze(-1)
+    dp = w * t
+    if keep is None:
+        return dp, torch.zeros((b, n), dtype=torch.float32, device=scores.device)
+    off_diag = 1.0 - torch.eye(n, dtype=torch.float32, device=scores.device)
+    dkeep = (e * t * off_diag).sum(dim=(1, 2))
+    return dp, dkeep

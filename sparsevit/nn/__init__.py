@@ -2,5 +2,6 @@
 
 from .block_sparse_linear import BlockSparseLinear
 from .convert import ConversionReport, sparsify_linears
+from .masked_attention import MaskedAttention
 
-__all__ = ["BlockSparseLinear", "ConversionReport", "sparsify_linears"]
+__all__ = ["BlockSparseLinear", "ConversionReport", "MaskedAttention", "sparsify_linears"]
