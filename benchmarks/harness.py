@@ -185,6 +185,9 @@ class Runner:
 def format_table(records: Sequence[Record]) -> str:
     """A fixed-width text table of the records."""
     header = ["op", "shape", "dtype", "impl", "ms", "GB/s", "%copy", "TFLOP/s", "vs baseline"]
+    with_top1 = any("top1" in r.extra for r in records)
+    if with_top1:
+        header.append("top-1")
     rows = [header]
     for r in records:
         shape = "x".join(f"{v}" for v in r.shape.values())
@@ -196,9 +199,9 @@ def format_table(records: Sequence[Record]) -> str:
             f"{r.median_ms:.4f}",
             "" if r.gbps is None else f"{r.gbps:.1f}",
             "" if r.frac_copy_bandwidth is None else f"{100 * r.frac_copy_bandwidth:.0f}%",
-            "" if r.tflops is None else f"{r.tflops:.1f}",
+            "" if r.tflops is None else f"{r.tflops:.2f}",
             "" if r.speedup_vs_baseline is None else f"{r.speedup_vs_baseline:.2f}x {r.baseline}",
-        ])
+        ] + ([f"{100 * r.extra['top1']:.1f}%" if "top1" in r.extra else ""] if with_top1 else []))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
