@@ -27,6 +27,8 @@ PACKAGES = [
     "sparsevit.kernels",
     "sparsevit.nn",
     "sparsevit.integrations",
+    "sparsevit.models",
+    "sparsevit.datasets",
 ]
 
 
