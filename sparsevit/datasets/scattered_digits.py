@@ -39,15 +39,21 @@ class ScatteredDigits:
 
 
 def scattered_digits_splits(
-    canvas: int = 64, scale: int = 2, noise: float = 0.2, test_fraction: float = 0.25, seed: int = 0
+    canvas: int = 64, scale: int = 2, noise: float = 0.2, test_fraction: float = 0.25, seed: int = 0, align: int = 1
 ) -> tuple[ScatteredDigits, ScatteredDigits]:
-    """Build the train and test splits from all 1,797 scikit-learn digits."""
+    """Build the train and test splits from all 1,797 scikit-learn digits.
+
+    ``align``: the digit's top-left corner is a random multiple of ``align`` pixels (1:
+    anywhere; the patch size: the digit sits on the patch grid, the easier task).
+    """
     try:
         from sklearn.datasets import load_digits
     except ImportError as exc:  # pragma: no cover - exercised only without scikit-learn
         raise ImportError("scattered digits need scikit-learn: pip install 'sparsevit[bench]'") from exc
     if scale < 1 or 8 * scale > canvas:
         raise ValueError(f"scale must be >= 1 with 8·scale <= canvas={canvas}, got {scale}")
+    if align < 1:
+        raise ValueError(f"align must be >= 1, got {align}")
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}")
     digits = load_digits()
@@ -57,8 +63,9 @@ def scattered_digits_splits(
     n, side = small.shape[0], 8 * scale
     big = F.interpolate(small.unsqueeze(1), scale_factor=scale, mode="nearest").squeeze(1)
     images = torch.randn(n, canvas, canvas, generator=g) * noise
-    tops = torch.randint(0, canvas - side + 1, (n,), generator=g)
-    lefts = torch.randint(0, canvas - side + 1, (n,), generator=g)
+    slots = (canvas - side) // align + 1
+    tops = torch.randint(0, slots, (n,), generator=g) * align
+    lefts = torch.randint(0, slots, (n,), generator=g) * align
     for i in range(n):
         t, l = int(tops[i]), int(lefts[i])
         images[i, t:t + side, l:l + side] += big[i]
