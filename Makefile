@@ -25,14 +25,14 @@ PY := $(VENV)/bin/python
 DEPS_STAMP := $(VENV)/.deps-installed
 endif
 
-.PHONY: install test bench clean
+.PHONY: install test bench gpu-check clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
 # torch first: the CUDA extension compiles against the torch already installed.
 $(VENV)/.deps-installed: setup.py | $(VENV)/bin/python
-	$(PY) -m pip install --upgrade "setuptools>=64" wheel ninja
+	$(PY) -m pip install --upgrade pip "setuptools>=64" wheel ninja
 	$(PY) -m pip install "torch>=2.4" numpy
 	touch $@
 
@@ -50,6 +50,23 @@ test: install
 bench: install
 	mkdir -p $(BENCH_OUT)
 	$(PY) benchmarks/run.py --suite tokens --quick --out $(BENCH_OUT)/tokens.json
+
+# On a GPU machine whose python3 already has torch/Triton: build, every test on the
+# GPU, compute-sanitizer (memcheck, racecheck) over the CUDA-backend tests, then the
+# full suites; logs and JSON go to $(GPU_OUT).
+GPU_OUT ?= gpu-out
+SUITES ?= tokens
+gpu-check:
+	mkdir -p $(GPU_OUT)
+	$(MAKE) install SYSTEM_PYTHON=1 > $(GPU_OUT)/build.log 2>&1 || (tail -50 $(GPU_OUT)/build.log; exit 1)
+	$(PYTHON) -m pytest tests -q -p no:cacheprovider > $(GPU_OUT)/tests.log 2>&1; tail -3 $(GPU_OUT)/tests.log
+	for tool in memcheck racecheck; do \
+	  compute-sanitizer --tool $$tool --error-exitcode 9 $(PYTHON) -m pytest tests/ops -q -k cuda -p no:cacheprovider \
+	    > $(GPU_OUT)/sanitizer-$$tool.log 2>&1; echo "$$tool exit $$?"; tail -2 $(GPU_OUT)/sanitizer-$$tool.log; \
+	done
+	for suite in $(SUITES); do \
+	  $(PYTHON) benchmarks/run.py --suite $$suite --out $(GPU_OUT)/$$suite.json > $(GPU_OUT)/$$suite.log 2>&1; tail -40 $(GPU_OUT)/$$suite.log; \
+	done
 
 clean:
 	rm -rf build *.egg-info sparsevit/_C*.so $(BENCH_OUT)

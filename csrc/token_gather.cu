@@ -23,52 +23,46 @@ namespace {
 constexpr int kWarp = 32;
 constexpr int kRowsPerBlock = 8;
 
-// Strides below are in units of `Unit` (a vector or an element of the row).
-template <typename Unit>
-__global__ void gather_rows_kernel(const Unit* __restrict__ x, const int64_t* __restrict__ index,
-                                   Unit* __restrict__ out, int64_t B, int64_t K, int64_t N,
-                                   int64_t units, int64_t sxb, int64_t sxn, int64_t sxc,
-                                   int64_t sib, int64_t sik, int64_t sob, int64_t sok) {
+// The token row this thread row handles: slot (b, k) of the (B, K) index and its
+// token n = index[b, k].  Returns false past the last row.
+__device__ __forceinline__ bool decode_row(int64_t B, int64_t K, const int64_t* __restrict__ index, int64_t sib,
+                                           int64_t sik, int64_t& b, int64_t& k, int64_t& n) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
-  if (row >= B * K) return;
-  const int64_t b = row / K;
-  const int64_t k = row - b * K;
-  const int64_t n = index[b * sib + k * sik];
-  Unit* dst = out + b * sob + k * sok;
-  if (n < 0 || n >= N) {
+  if (row >= B * K) return false;
+  b = row / K;
+  k = row - b * K;
+  n = index[b * sib + k * sik];
+  return true;
+}
+
+// Gather (kScatter = false): out[b, k] = in[b, index[b, k]], zeros for a bad index.
+// Scatter (kScatter = true): out[b, index[b, k]] = in[b, k], bad indices skipped.
+// Strides are in units of `Unit` (a vector or one element); `sic` is the read side's
+// channel stride, the written side is contiguous along channels.
+template <typename Unit, bool kScatter>
+__global__ void move_rows_kernel(const Unit* __restrict__ in, const int64_t* __restrict__ index,
+                                 Unit* __restrict__ out, int64_t B, int64_t K, int64_t N, int64_t units,
+                                 int64_t sib_in, int64_t sir_in, int64_t sic, int64_t sib, int64_t sik,
+                                 int64_t sob, int64_t sor) {
+  int64_t b, k, n;
+  if (!decode_row(B, K, index, sib, sik, b, k, n)) return;
+  const bool valid = n >= 0 && n < N;
+  if (kScatter && !valid) return;
+  Unit* dst = out + b * sob + (kScatter ? n : k) * sor;
+  if (!valid) {
     for (int64_t c = threadIdx.x; c < units; c += blockDim.x) dst[c] = Unit{};
     return;
   }
-  const Unit* src = x + b * sxb + n * sxn;
-  for (int64_t c = threadIdx.x; c < units; c += blockDim.x) dst[c] = src[c * sxc];
-}
-
-template <typename Unit>
-__global__ void scatter_rows_kernel(const Unit* __restrict__ src, const int64_t* __restrict__ index,
-                                    Unit* __restrict__ out, int64_t B, int64_t K, int64_t N,
-                                    int64_t units, int64_t ssb, int64_t ssk, int64_t ssc,
-                                    int64_t sib, int64_t sik, int64_t sob, int64_t son) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
-  if (row >= B * K) return;
-  const int64_t b = row / K;
-  const int64_t k = row - b * K;
-  const int64_t n = index[b * sib + k * sik];
-  if (n < 0 || n >= N) return;
-  const Unit* s = src + b * ssb + k * ssk;
-  Unit* dst = out + b * sob + n * son;
-  for (int64_t c = threadIdx.x; c < units; c += blockDim.x) dst[c] = s[c * ssc];
+  const Unit* src = in + b * sib_in + (kScatter ? k : n) * sir_in;
+  for (int64_t c = threadIdx.x; c < units; c += blockDim.x) dst[c] = src[c * sic];
 }
 
 template <typename scalar_t>
 __global__ void scatter_add_rows_kernel(const scalar_t* __restrict__ src, const int64_t* __restrict__ index,
                                         float* __restrict__ out, int64_t B, int64_t K, int64_t N, int64_t C,
                                         int64_t ssb, int64_t ssk, int64_t ssc, int64_t sib, int64_t sik) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
-  if (row >= B * K) return;
-  const int64_t b = row / K;
-  const int64_t k = row - b * K;
-  const int64_t n = index[b * sib + k * sik];
-  if (n < 0 || n >= N) return;
+  int64_t b, k, n;
+  if (!decode_row(B, K, index, sib, sik, b, k, n) || n < 0 || n >= N) return;
   const scalar_t* s = src + b * ssb + k * ssk;
   float* dst = out + (b * N + n) * C;
   for (int64_t c = threadIdx.x; c < C; c += blockDim.x) atomicAdd(dst + c, static_cast<float>(s[c * ssc]));
@@ -94,28 +88,16 @@ int copy_unit_bytes(int64_t row_bytes, int64_t elem_bytes, std::initializer_list
   return static_cast<int>(elem_bytes);
 }
 
-template <typename Unit>
-void launch_gather(const at::Tensor& x, const at::Tensor& index, at::Tensor& out, bool vector_path) {
-  const int64_t u = sizeof(Unit) / x.element_size();  // elements per unit
-  const int64_t B = x.size(0), N = x.size(1), C = x.size(2), K = index.size(1);
+// `in` is read (channel stride possibly > 1), `out` written; (B, K) from the index.
+template <typename Unit, bool kScatter>
+void launch_move(const at::Tensor& in, const at::Tensor& index, at::Tensor& out, int64_t N, bool vector_path) {
+  const int64_t u = sizeof(Unit) / in.element_size();  // elements per unit
+  const int64_t B = index.size(0), K = index.size(1), C = in.size(2);
   const dim3 block(kWarp, kRowsPerBlock);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  gather_rows_kernel<Unit><<<row_grid(B * K), block, 0, stream>>>(
-      reinterpret_cast<const Unit*>(x.data_ptr()), index.data_ptr<int64_t>(), reinterpret_cast<Unit*>(out.data_ptr()),
-      B, K, N, C / u, x.stride(0) / u, x.stride(1) / u, vector_path ? 1 : x.stride(2), index.stride(0),
-      index.stride(1), out.stride(0) / u, out.stride(1) / u);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-template <typename Unit>
-void launch_scatter(const at::Tensor& src, const at::Tensor& index, at::Tensor& out, bool vector_path) {
-  const int64_t u = sizeof(Unit) / src.element_size();
-  const int64_t B = src.size(0), K = src.size(1), C = src.size(2), N = out.size(1);
-  const dim3 block(kWarp, kRowsPerBlock);
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  scatter_rows_kernel<Unit><<<row_grid(B * K), block, 0, stream>>>(
-      reinterpret_cast<const Unit*>(src.data_ptr()), index.data_ptr<int64_t>(), reinterpret_cast<Unit*>(out.data_ptr()),
-      B, K, N, C / u, src.stride(0) / u, src.stride(1) / u, vector_path ? 1 : src.stride(2), index.stride(0),
+  move_rows_kernel<Unit, kScatter><<<row_grid(B * K), block, 0, stream>>>(
+      reinterpret_cast<const Unit*>(in.data_ptr()), index.data_ptr<int64_t>(), reinterpret_cast<Unit*>(out.data_ptr()),
+      B, K, N, C / u, in.stride(0) / u, in.stride(1) / u, vector_path ? 1 : in.stride(2), index.stride(0),
       index.stride(1), out.stride(0) / u, out.stride(1) / u);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -157,7 +139,7 @@ at::Tensor gather_tokens_cuda(const at::Tensor& x, const at::Tensor& index) {
   auto out = at::empty({x.size(0), index.size(1), x.size(2)}, x.options());
   if (out.numel() == 0) return out;
   by_copy_unit(x, out, [&](auto unit, bool vector_path) {
-    launch_gather<decltype(unit)>(x, index, out, vector_path);
+    launch_move<decltype(unit), false>(x, index, out, x.size(1), vector_path);
   });
   return out;
 }
@@ -171,7 +153,7 @@ at::Tensor scatter_tokens_cuda(const at::Tensor& src, const at::Tensor& index, c
   auto out = base.contiguous().clone();
   if (src.numel() == 0) return out;
   by_copy_unit(src, out, [&](auto unit, bool vector_path) {
-    launch_scatter<decltype(unit)>(src, index, out, vector_path);
+    launch_move<decltype(unit), true>(src, index, out, out.size(1), vector_path);
   });
   return out;
 }

@@ -79,49 +79,38 @@ def _launch_config(K: int, C: int) -> tuple[int, int]:
     return rows, block_c
 
 
+def _launch(kernel, first: torch.Tensor, index: torch.Tensor, second: torch.Tensor, N: int, **constexprs) -> None:
+    """Launch a row kernel over (B, K-row blocks, C blocks) for ``index (B, K)`` and C channels."""
+    (B, K), C = index.shape, first.shape[2]
+    rows, block_c = _launch_config(K, C)
+    grid = (B, triton.cdiv(K, rows), triton.cdiv(C, block_c))
+    kernel[grid](
+        first, index, second, K, N, C,
+        *first.stride(), *index.stride(), *second.stride(),
+        ROWS=rows, BLOCK_C=block_c, **constexprs,
+    )
+
+
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``out[b, k] = x[b, index[b, k]]``; ``x (B, N, C)``, integer ``index (B, K)`` -> ``(B, K, C)``."""
     B, N, C = x.shape
-    K = index.shape[1]
-    out = torch.empty((B, K, C), dtype=x.dtype, device=x.device)
-    if out.numel() == 0:
-        return out
-    rows, block_c = _launch_config(K, C)
-    grid = (B, triton.cdiv(K, rows), triton.cdiv(C, block_c))
-    _gather_tokens_kernel[grid](
-        x, index, out, K, N, C,
-        x.stride(0), x.stride(1), x.stride(2),
-        index.stride(0), index.stride(1),
-        out.stride(0), out.stride(1), out.stride(2),
-        ROWS=rows, BLOCK_C=block_c,
-    )
+    out = torch.empty((B, index.shape[1], C), dtype=x.dtype, device=x.device)
+    if out.numel() > 0:
+        _launch(_gather_tokens_kernel, x, index, out, N)
     return out
 
 
 def scatter_tokens(src: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """In place: ``out[b, index[b, k]] = src[b, k]``; returns ``out (B, N, C)``."""
-    return _scatter(src, index, out, accumulate=False)
+    if src.numel() > 0:
+        _launch(_scatter_tokens_kernel, src, index, out, out.shape[1], ACCUMULATE=False)
+    return out
 
 
 def scatter_add_tokens(src: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """In place: ``out[b, index[b, k]] += src[b, k]`` with ``out`` float32; returns ``out``."""
     if out.dtype != torch.float32:
         raise TypeError(f"out must be float32 for scatter-add accumulation, got {out.dtype}")
-    return _scatter(src, index, out, accumulate=True)
-
-
-def _scatter(src: torch.Tensor, index: torch.Tensor, out: torch.Tensor, accumulate: bool) -> torch.Tensor:
-    B, K, C = src.shape
-    N = out.shape[1]
-    if src.numel() == 0:
-        return out
-    rows, block_c = _launch_config(K, C)
-    grid = (B, triton.cdiv(K, rows), triton.cdiv(C, block_c))
-    _scatter_tokens_kernel[grid](
-        src, index, out, K, N, C,
-        src.stride(0), src.stride(1), src.stride(2),
-        index.stride(0), index.stride(1),
-        out.stride(0), out.stride(1), out.stride(2),
-        ACCUMULATE=accumulate, ROWS=rows, BLOCK_C=block_c,
-    )
+    if src.numel() > 0:
+        _launch(_scatter_tokens_kernel, src, index, out, out.shape[1], ACCUMULATE=True)
     return out

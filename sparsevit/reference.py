@@ -43,8 +43,21 @@ __all__ = [
 ]
 
 
-def _expand(index: torch.Tensor, channels: int) -> torch.Tensor:
-    return index.unsqueeze(-1).expand(-1, -1, channels)
+def _flat_rows(index: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row numbers into a (B·(N+1), C) view, out-of-range entries sent to row N of their batch.
+
+    Returns ``(flat (B·K,), valid (B, K))``; row N of each batch is a spill row.
+    """
+    valid = (index >= 0) & (index < n)
+    spill = torch.where(valid, index, torch.full_like(index, n)).long()
+    offsets = torch.arange(index.shape[0], device=index.device).unsqueeze(1) * (n + 1)
+    return (spill + offsets).reshape(-1), valid
+
+
+def _with_spill_row(t: torch.Tensor) -> torch.Tensor:
+    """(B, N, C) -> (B·(N+1), C) with a zero row appended to every batch."""
+    b, _, c = t.shape
+    return torch.cat([t, t.new_zeros(b, 1, c)], dim=1).reshape(-1, c)
 
 
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -52,24 +65,9 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
     x: (B, N, C); index: (B, K) integer -> (B, K, C).
     """
-    n = x.shape[1]
-    valid = (index >= 0) & (index < n)
-    safe = torch.where(valid, index, torch.zeros_like(index)).long()
-    out = x.gather(1, _expand(safe, x.shape[2]))
-    return torch.where(valid.unsqueeze(-1), out, torch.zeros_like(out))
-
-
-def _scatter_rows(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor, add: bool) -> torch.Tensor:
-    """Scatter with a spill row at position N that swallows out-of-range indices."""
-    b, n, c = out.shape
-    valid = (index >= 0) & (index < n)
-    spill_index = torch.where(valid, index, torch.full_like(index, n)).long()
-    padded = torch.cat([out, out.new_zeros(b, 1, c)], dim=1)
-    if add:
-        padded = padded.scatter_add(1, _expand(spill_index, c), src)
-    else:
-        padded = padded.scatter(1, _expand(spill_index, c), src)
-    return padded[:, :n]
+    b, n, c = x.shape
+    flat, _ = _flat_rows(index, n)
+    return _with_spill_row(x).index_select(0, flat).view(b, index.shape[1], c)
 
 
 def scatter_tokens(src: torch.Tensor, index: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
@@ -77,7 +75,10 @@ def scatter_tokens(src: torch.Tensor, index: torch.Tensor, base: torch.Tensor) -
 
     src: (B, K, C); index: (B, K) integer; base: (B, N, C) -> (B, N, C).
     """
-    return _scatter_rows(base, index, src, add=False)
+    b, n, c = base.shape
+    flat, _ = _flat_rows(index, n)
+    out = _with_spill_row(base).index_copy(0, flat, src.reshape(-1, c))
+    return out.view(b, n + 1, c)[:, :n]
 
 
 def scatter_add_tokens(src: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
@@ -86,8 +87,10 @@ def scatter_add_tokens(src: torch.Tensor, index: torch.Tensor, n: int) -> torch.
     src: (B, K, C); index: (B, K) integer -> (B, n, C).  The adjoint of :func:`gather_tokens`.
     """
     b, _, c = src.shape
-    acc = src.new_zeros((b, n, c), dtype=torch.float32)
-    return _scatter_rows(acc, index, src.float(), add=True).to(src.dtype)
+    flat, _ = _flat_rows(index, n)
+    acc = src.new_zeros((b * (n + 1), c), dtype=torch.float32)
+    acc = acc.index_add(0, flat, src.reshape(-1, c).float())
+    return acc.view(b, n + 1, c)[:, :n].to(src.dtype)
 
 
 def select_index(scores: torch.Tensor, keep: int, num_prefix: int, order: str) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""Benchmark suites: each module has ``run(runner)`` adding records to the runner."""
