@@ -27,6 +27,8 @@ PACKAGES = [
     "sparsevit.nn",
     "sparsevit.kernels",
     "sparsevit.integrations",
+    "sparsevit.models",
+    "sparsevit.datasets",
 ]
 
 
@@ -116,8 +118,8 @@ setup(
     cmdclass=cmdclass,
     install_requires=["torch>=2.4", "triton>=3.0; platform_system=='Linux'", "timm>=1.0", "numpy"],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "expecttest", "hypothesis"],
-        "bench": ["matplotlib>=3.5", "tqdm>=4"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "expecttest", "hypothesis", "scikit-learn", "pillow"],
+        "bench": ["matplotlib>=3.5", "tqdm>=4", "scikit-learn", "pillow"],
     },
     zip_safe=False,
 )
