@@ -24,6 +24,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 PACKAGES = [
     "sparsevit",
     "sparsevit.ops",
+    "sparsevit.sparse_training",
     "sparsevit.kernels",
 ]
 
