@@ -45,6 +45,7 @@ __all__ = [
     "MaskManager",
     "MaskedWeight",
     "default_filter",
+    "allocate_units",
     "reset_optimizer_state",
     "topk_mask",
 ]
@@ -268,6 +269,7 @@ class MaskManager:
         if not self.layers:
             raise ValueError("filter selected no layer with a weight of 2 or more dims to sparsify in model")
         self.densities = layer_densities({n: l.shape for n, l in self.layers.items()}, self.sparsity, distribution)
+        self.targets = allocate_units({n: l.num_units for n, l in self.layers.items()}, self.densities)
         self.generator = torch.Generator().manual_seed(seed)
         self.collect_dense_grads = False
         self.dense_grads: dict[str, torch.Tensor] = {}
@@ -280,9 +282,8 @@ class MaskManager:
 
     # ------------------------------------------------------------------ masks
     def target_active(self, name: str) -> int:
-        """Kept units of layer ``name``: ``round(d_l · units_l)``."""
-        layer = self.layers[name]
-        return int(round(self.densities[name] * layer.num_units))
+        """Kept units of layer ``name``: ``⌊d_l · units_l⌋`` or one more (see :func:`allocate_units`)."""
+        return self.targets[name]
 
     def _init_masks(self, init: str) -> None:
         for name, layer in self.layers.items():
@@ -415,8 +416,28 @@ class MaskManager:
         for name, layer in self.layers.items():
             layer.mask = masks[name]
         self.densities = dict(state["densities"])
+        self.targets = {n: int(self.layers[n].mask.sum()) for n in self.layers}
         self.generator.set_state(state["generator"])
         self.apply_masks()
+
+
+def allocate_units(units: Mapping[str, int], densities: Mapping[str, float]) -> dict[str, int]:
+    """Kept units per layer with an exact total: ``c_l ∈ {⌊d_l u_l⌋, ⌈d_l u_l⌉}`` and ``Σ c_l = round(Σ d_l u_l)``.
+
+    Largest remainders first (ties: layer order), so the total is exact even
+    when layers have few units (large blocks).
+    """
+    exact = {n: densities[n] * units[n] for n in units}
+    counts = {n: min(units[n], int(math.floor(exact[n] + 1e-9))) for n in units}
+    left = int(round(sum(exact.values()))) - sum(counts.values())
+    order = sorted(units, key=lambda n: -(exact[n] - counts[n]))
+    for n in order:
+        if left <= 0:
+            break
+        if counts[n] < units[n]:
+            counts[n] += 1
+            left -= 1
+    return counts
 
 
 def _comm_device(t: torch.Tensor) -> torch.device:
