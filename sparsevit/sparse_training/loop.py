@@ -67,7 +67,7 @@ def fit(
         opt.step()
         if on_step is not None:
             on_step(t)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return sum(losses[-10:]) / max(1, len(losses[-10:]))
 
 
