@@ -21,10 +21,11 @@ expanded to elements when applied.  :meth:`MaskedWeight.block_mask` returns the
 Distributed data parallel: masks are made from a seeded CPU generator that is
 the same on every rank and broadcast from rank 0 after every change, and scores
 that depend on data (gradients) are all-reduced first, so every rank holds the
-same masks.  FSDP: the manager needs whole (unsharded) weights; with FSDP wrap
-the model with ``use_orig_params=True`` and build the manager, apply masks and
-make updates inside ``FSDP.summon_full_params(model, writeback=True)``; sharded
-DTensor parameters (FSDP2 ``fully_shard``) are refused with a TypeError.
+same masks.  FSDP is not supported yet: the manager needs whole (unsharded)
+weights, so sharded DTensor parameters (FSDP2 ``fully_shard``) are refused with
+a TypeError; the intended route (untested) is FSDP with ``use_orig_params=True``,
+building the manager and making updates inside
+``FSDP.summon_full_params(model, writeback=True)``.
 """
 
 from __future__ import annotations
