@@ -77,3 +77,29 @@ def test_bad_arguments() -> None:
         layer_densities({"a": (4, 4)}, 0.5, "gaussian")
     with pytest.raises(ValueError, match="shapes must be a non-empty mapping"):
         layer_densities({}, 0.5)
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from sparsevit.sparse_training.masks import allocate_units  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    dims=st.lists(st.tuples(st.integers(1, 64), st.integers(1, 64)), min_size=1, max_size=6),
+    sparsity=st.floats(0.0, 0.99),
+    dist=st.sampled_from(["uniform", "er", "erk"]),
+)
+def test_densities_and_allocation_property(dims, sparsity: float, dist: str) -> None:
+    shapes = {f"l{i}": s for i, s in enumerate(dims)}
+    d = layer_densities(shapes, sparsity, dist)
+    units = {n: math.prod(s) for n, s in shapes.items()}
+    total = sum(units.values())
+    assert all(0 < v <= 1 + 1e-12 for v in d.values())
+    assert _total(shapes, d) == pytest.approx((1 - sparsity) * total, rel=1e-9)
+    counts = allocate_units(units, d)
+    assert sum(counts.values()) == round(sum(d[n] * units[n] for n in units))
+    for n in units:
+        assert 0 <= counts[n] <= units[n]
+        assert abs(counts[n] - d[n] * units[n]) < 1 + 1e-9

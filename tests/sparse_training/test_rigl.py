@@ -177,3 +177,21 @@ def test_missing_dense_gradient_is_reported() -> None:
     rigl = RigL(model, opt, 0.9, delta_t=1, t_end=10)
     with pytest.raises(RuntimeError, match="no dense gradient was recorded"):
         rigl.step()  # no backward before the update step
+
+
+@pytest.mark.parametrize("granularity,block", [("element", None), ("block", 16)])
+def test_rigl_on_conv2d(granularity: str, block) -> None:
+    model = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    rigl = RigL(model, opt, 0.5, delta_t=1, t_end=5, distribution="uniform", granularity=granularity, block_size=block)
+    targets = {n: rigl.manager.target_active(n) for n in rigl.manager.layers}
+    g = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        opt.zero_grad()
+        model(torch.randn(4, 16, 6, 6, generator=g)).pow(2).sum().backward()
+        opt.step()
+        assert rigl.step()
+        for name, layer in rigl.manager.layers.items():
+            assert layer.active() == targets[name]
+            assert bool((layer.weight[~layer.element_mask] == 0).all())
