@@ -12,15 +12,16 @@ from sparsevit.sparse_training import SET, RigL, load_ticket, save_ticket
 from sparsevit.sparse_training.tickets import safetensors_available
 
 
-def _build(cls, seed: int):
+def _build(cls, seed: int, block=None):
     model = tiny_vit(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    alg = cls(model, opt, 0.8, delta_t=2, t_end=9, seed=seed, granularity="element")
+    alg = cls(model, opt, 0.5 if block else 0.8, delta_t=2, t_end=9, seed=seed,
+              granularity="block" if block else "element", block_size=block)
     return model, opt, alg
 
 
-def _run(cls, steps: int, resume_at=None):
-    model, opt, alg = _build(cls, 0)
+def _run(cls, steps: int, resume_at=None, block=None):
+    model, opt, alg = _build(cls, 0, block)
     trace = []
     for t in range(1, steps + 1):
         if resume_at is not None and t == resume_at + 1:
@@ -28,7 +29,7 @@ def _run(cls, steps: int, resume_at=None):
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "alg": alg.state_dict()}, buf)
             buf.seek(0)
             ckpt = torch.load(buf, weights_only=False)
-            model, opt, alg = _build(cls, 123)  # different init and seed: everything must come from the checkpoint
+            model, opt, alg = _build(cls, 123, block)  # different init and seed: everything must come from the checkpoint
             model.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["opt"])
             alg.load_state_dict(ckpt["alg"])
@@ -38,11 +39,11 @@ def _run(cls, steps: int, resume_at=None):
     return trace, {k: v.clone() for k, v in model.state_dict().items()}, alg
 
 
-@pytest.mark.parametrize("cls", [RigL, SET])
+@pytest.mark.parametrize("cls,block", [(RigL, None), (SET, None), (SET, 16)])
 @pytest.mark.parametrize("resume_at", [3, 4])  # between updates, and right after one
-def test_resume_is_bit_identical(cls, resume_at: int) -> None:
-    full_trace, full_weights, full = _run(cls, 9)
-    res_trace, res_weights, res = _run(cls, 9, resume_at)
+def test_resume_is_bit_identical(cls, block, resume_at: int) -> None:
+    full_trace, full_weights, full = _run(cls, 9, block=block)
+    res_trace, res_weights, res = _run(cls, 9, resume_at, block=block)
     assert len(full.history) == 4
     for a, b in zip(full_trace, res_trace):
         assert all(torch.equal(a[n], b[n]) for n in a)

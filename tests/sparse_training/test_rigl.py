@@ -195,3 +195,15 @@ def test_rigl_on_conv2d(granularity: str, block) -> None:
         for name, layer in rigl.manager.layers.items():
             assert layer.active() == targets[name]
             assert bool((layer.weight[~layer.element_mask] == 0).all())
+
+
+def test_dense_gradient_accumulates_over_micro_batches() -> None:
+    model = Toy()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    rigl = RigL(model, opt, 0.5, delta_t=1, t_end=10, distribution="uniform", filter=lambda n, m: n == "")
+    g1, g2 = torch.randn(4, 4), torch.randn(4, 4)
+    model(g1).backward()
+    model(g2).backward()
+    mask = rigl.manager.layers[""].element_mask
+    torch.testing.assert_close(rigl.manager.dense_grads[""], g1 + g2)
+    torch.testing.assert_close(model.weight.grad, (g1 + g2) * mask)
