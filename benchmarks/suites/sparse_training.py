@@ -20,7 +20,6 @@ differences under ~2 points as noise.
 from __future__ import annotations
 
 import time
-from typing import Callable, Optional  # noqa: F401
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -143,7 +142,7 @@ def _supermask(runner: Runner, data, steps: int) -> None:
     _add(runner, "supermask_digits", "edge-popup", {"sparsity": 0.5, "steps": steps}, ms, accuracy(model, xte, yte), 0.5)
 
 
-def accuracy_table(records, fmt: Optional[Callable[[dict], str]] = None) -> str:
+def accuracy_table(records: list[Record]) -> str:
     """A markdown table: method, setting, test accuracy, sparsity, ms/step."""
     lines = ["| experiment | method | setting | test acc. | sparsity | ms/step |", "| --- | --- | --- | --- | --- | --- |"]
     for r in records:
