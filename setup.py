@@ -25,6 +25,7 @@ PACKAGES = [
     "sparsevit",
     "sparsevit.ops",
     "sparsevit.nn",
+    "sparsevit.sparse_training",
     "sparsevit.kernels",
     "sparsevit.integrations",
     "sparsevit.models",

@@ -1,0 +1,45 @@
+"""Sparse training: masks and layer densities, RigL / SET / static sparse, lottery tickets, supermasks.
+
+* :mod:`.density` -- uniform / Erdős–Rényi / ERK layer densities (Evci et al. 2020);
+* :mod:`.masks` -- :class:`MaskManager`: exact-zero masked weights, masked gradients,
+  element or ``b × b`` block granularity, DDP-consistent masks;
+* :mod:`.rigl` -- :class:`RigL`, :class:`SET`, :class:`StaticSparse`;
+* :mod:`.lottery` -- :class:`LotteryTicket`: iterative magnitude pruning with rewinding
+  (Frankle & Carbin 2019, Frankle et al. 2020);
+* :mod:`.supermask` -- edge-popup supermasks on frozen random weights (Ramanujan et al. 2020);
+* :mod:`.tickets` -- masks to and from files (safetensors where available);
+* :mod:`.loop` -- a minimal training loop for the built-in IMP rounds and the suites.
+"""
+
+from .density import DISTRIBUTIONS, layer_densities
+from .lottery import LotteryTicket
+from .loop import accuracy, fit
+from .masks import BLOCK_SIZES, GRANULARITIES, MaskedWeight, MaskManager, default_filter, reset_optimizer_state
+from .rigl import SET, DynamicSparseTraining, RigL, StaticSparse, cosine_drop_fraction
+from .supermask import SupermaskLayer, convert_to_supermask, supermask_layers, topk_straight_through
+from .tickets import load_ticket, save_ticket
+
+__all__ = [
+    "BLOCK_SIZES",
+    "DISTRIBUTIONS",
+    "GRANULARITIES",
+    "DynamicSparseTraining",
+    "LotteryTicket",
+    "MaskManager",
+    "MaskedWeight",
+    "RigL",
+    "SET",
+    "StaticSparse",
+    "SupermaskLayer",
+    "accuracy",
+    "convert_to_supermask",
+    "cosine_drop_fraction",
+    "default_filter",
+    "fit",
+    "layer_densities",
+    "load_ticket",
+    "reset_optimizer_state",
+    "save_ticket",
+    "supermask_layers",
+    "topk_straight_through",
+]

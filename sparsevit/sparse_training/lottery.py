@@ -1,0 +1,210 @@
+"""Lottery tickets by iterative magnitude pruning with rewinding (Frankle & Carbin, ICLR 2019;
+rewinding: Frankle et al., "Linear Mode Connectivity and the Lottery Ticket Hypothesis", ICML 2020).
+
+IMP, with survivors ``S_r`` (the mask after round ``r``, ``S_0`` = everything):
+
+1. keep ``θ_k`` (``k = 0``: the initialisation; ``k > 0``: the weights after k steps);
+2. train;
+3. prune the fraction ``p`` of the surviving units of smallest ``|W|`` (pooled per
+   block), ranked within each layer (``scope="layer"``) or across all sparsified
+   layers (``scope="global"``), so after ``r`` rounds the density is ``(1 − p)^r``
+   (up to rounding);
+4. rewind: ``W ← θ_k ⊙ M`` (every other parameter back to ``θ_k`` as well);
+5. repeat from 2.
+
+The random-reinitialisation control trains the same mask from fresh weights
+(each sparsified layer drawn from ``N(0, σ_l²)``, ``σ_l`` the std of ``θ_k`` of that
+layer).  Every round's masks and metrics are kept.  Users drive the rounds from
+their own loop (``on_step``, ``prune``, ``rewind``) or call :meth:`run`.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+from torch import nn
+
+from .masks import LayerFilter, MaskManager, topk_mask
+from .tickets import save_ticket
+
+__all__ = ["LotteryTicket"]
+
+SCOPES = ("global", "layer")
+
+
+class LotteryTicket:
+    """Iterative magnitude pruning with rewinding to ``θ_k`` (see the module docstring).
+
+    ``prune_fraction`` ``p`` in (0, 1): the share of surviving units removed per round.
+    ``rewind_step`` ``k``: 0 keeps ``θ_0`` now; ``k > 0`` keeps the weights when
+    :meth:`on_step` is called with ``k`` during the first round.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        prune_fraction: float = 0.2,
+        *,
+        scope: str = "global",
+        granularity: str = "element",
+        block_size: Optional[int] = None,
+        rewind_step: int = 0,
+        filter: Optional[LayerFilter] = None,
+    ):
+        if isinstance(prune_fraction, bool) or not isinstance(prune_fraction, (int, float)):
+            raise TypeError(f"prune_fraction must be a float in (0, 1), got {type(prune_fraction).__name__}")
+        if not (0.0 < float(prune_fraction) < 1.0):
+            raise ValueError(f"prune_fraction must lie in (0, 1), got {prune_fraction}")
+        if scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+        if isinstance(rewind_step, bool) or not isinstance(rewind_step, int) or rewind_step < 0:
+            raise ValueError(f"rewind_step must be an int >= 0, got {rewind_step!r}")
+        self.model = model
+        self.prune_fraction = float(prune_fraction)
+        self.scope = scope
+        self.rewind_step = rewind_step
+        self.manager = MaskManager(
+            model, 0.0, distribution="uniform", granularity=granularity, block_size=block_size, filter=filter, init="dense"
+        )
+        self.rewind_state: Optional[dict[str, torch.Tensor]] = None
+        self.history: list[dict[str, Any]] = []
+        self._new_round_record()
+        if rewind_step == 0:
+            self.save_rewind_point()
+
+    # ------------------------------------------------------------ callbacks
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        """Keep masked weights at zero under ``optimizer`` (call for each round's new optimizer)."""
+        self.manager.attach(optimizer)
+
+    def on_step(self, step: int) -> None:
+        """Call after optimizer step ``step`` (1-based) of each round: keeps ``θ_k`` at ``step == k`` in round 0."""
+        if self.rewind_state is None and step == self.rewind_step:
+            self.save_rewind_point()
+
+    def save_rewind_point(self) -> None:
+        """Keep a copy of the whole model state as ``θ_k``."""
+        self.rewind_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    # --------------------------------------------------------------- rounds
+    @property
+    def round(self) -> int:
+        return len(self.history) - 1
+
+    def _new_round_record(self) -> None:
+        self.history.append({
+            "round": len(self.history),
+            "sparsity": self.manager.total_sparsity(),
+            "layer_sparsity": self.manager.layer_sparsity(),
+            "masks": {n: m.detach().cpu().clone() for n, m in self.manager.masks().items()},
+            "metrics": {},
+        })
+
+    def record(self, **metrics: float) -> None:
+        """Add metrics (accuracy, loss, ...) to the current round's record."""
+        self.history[-1]["metrics"].update(metrics)
+
+    @torch.no_grad()
+    def prune(self) -> float:
+        """Remove the fraction ``p`` of surviving units of smallest pooled ``|W|``; returns the new total sparsity."""
+        layers = self.manager.layers
+        scores = {n: l.pool(l.weight).flatten() for n, l in layers.items()}
+        if self.scope == "layer":
+            for name, layer in layers.items():
+                mask = layer.mask.flatten()
+                n_active = int(mask.sum())
+                keep = n_active - int(round(self.prune_fraction * n_active))
+                s = torch.where(mask, scores[name], torch.tensor(float("-inf"), device=mask.device))
+                layer.mask = topk_mask(s, keep).reshape(layer.unit_shape)
+        else:
+            names = list(layers)
+            flat = torch.cat([
+                torch.where(layers[n].mask.flatten(), scores[n], torch.tensor(float("-inf"), device=scores[n].device)).cpu()
+                for n in names
+            ])
+            n_active = sum(int(layers[n].mask.sum()) for n in names)
+            keep = topk_mask(flat, n_active - int(round(self.prune_fraction * n_active)))
+            offset = 0
+            for n in names:
+                size = layers[n].num_units
+                layers[n].mask = keep[offset : offset + size].reshape(layers[n].unit_shape)
+                offset += size
+        self.manager.sync_masks()
+        self.manager.apply_masks()
+        self._new_round_record()
+        return self.manager.total_sparsity()
+
+    @torch.no_grad()
+    def rewind(self) -> None:
+        """``W ← θ_k ⊙ M`` for the sparsified layers, every other parameter and buffer back to ``θ_k``."""
+        if self.rewind_state is None:
+            raise RuntimeError(f"no rewind point: on_step({self.rewind_step}) was never called in round 0")
+        self.model.load_state_dict(self.rewind_state)
+        self.manager.apply_masks()
+
+    @torch.no_grad()
+    def random_reinit(self, seed: int = 0) -> None:
+        """The control: rewind, then redraw every sparsified weight from ``N(0, σ_l²)`` (σ_l: std of ``θ_k``), masked."""
+        self.rewind()
+        g = torch.Generator().manual_seed(seed)
+        for name, layer in self.manager.layers.items():
+            ref = self.rewind_state[f"{name}.weight"] if f"{name}.weight" in self.rewind_state else layer.weight
+            sigma = float(ref.float().std())
+            w = torch.randn(layer.shape, generator=g) * sigma
+            layer.weight.copy_(w.to(layer.weight))
+        self.manager.apply_masks()
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        """The current masks (the ticket), ``name -> unit mask``."""
+        return self.manager.masks()
+
+    def save(self, path: str) -> str:
+        """Save the current ticket as a file (:func:`~sparsevit.sparse_training.tickets.save_ticket`)."""
+        meta = {
+            "round": str(self.round),
+            "scope": self.scope,
+            "granularity": self.manager.granularity,
+            "block_size": str(self.manager.block_size),
+            "sparsity": repr(self.manager.total_sparsity()),
+        }
+        return save_ticket(path, self.masks(), meta)
+
+    def load_masks(self, masks: Mapping[str, torch.Tensor]) -> None:
+        """Install given masks (e.g. from :func:`load_ticket`) and zero the masked weights."""
+        for name, layer in self.manager.layers.items():
+            if name not in masks:
+                raise ValueError(f"masks has no entry for layer {name!r}")
+            layer.mask = masks[name]
+        self.manager.apply_masks()
+
+    def run(self, train: Callable[[nn.Module, "LotteryTicket"], Mapping[str, float]], rounds: int) -> list[dict]:
+        """The built-in IMP loop: ``rounds + 1`` trainings, pruning and rewinding in between.
+
+        ``train(model, ticket)`` trains one round (calling ``ticket.attach(opt)`` and
+        ``ticket.on_step(t)``) and returns its metrics, recorded per round.
+        """
+        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
+            raise ValueError(f"rounds must be an int >= 0, got {rounds!r}")
+        for r in range(rounds + 1):
+            self.record(**train(self.model, self))
+            if r < rounds:
+                self.prune()
+                self.rewind()
+        return self.history
+
+    # ------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """Masks, θ_k and the per-round history."""
+        return {
+            "manager": self.manager.state_dict(),
+            "rewind_state": None if self.rewind_state is None else {k: v.cpu() for k, v in self.rewind_state.items()},
+            "history": copy.deepcopy(self.history),
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.manager.load_state_dict(state["manager"])
+        rs = state["rewind_state"]
+        self.rewind_state = None if rs is None else {k: v.clone() for k, v in rs.items()}
+        self.history = copy.deepcopy(list(state["history"]))

@@ -1,0 +1,460 @@
+"""The mask manager: one binary mask per sparsified weight, kept exact through training.
+
+Sparse training as in RigL (Evci et al., ICML 2020) and lottery tickets (Frankle &
+Carbin, ICLR 2019) keeps, for every sparsified weight ``W`` with mask ``M``,
+
+    W = W ⊙ M            after initialisation and after every optimizer step,
+    ∂L/∂W ← ∂L/∂W ⊙ M    before the gradient is accumulated into ``W.grad``.
+
+Masks are plain bool tensors owned by :class:`MaskManager`, never forward hooks
+or ``torch.nn.utils.prune`` re-parametrisations, so the model keeps its own
+``state_dict`` keys, deep-copies and pickles as before, and the weights really
+are zero (the invariant a block-sparse kernel needs).
+
+Granularity ``element`` masks single weights.  Granularity ``block`` masks
+``b × b`` tiles of the weight viewed as a matrix ``(M, K) = (n_out, n_in·k_h·k_w)``
+(b ∈ {16, 32, 64, 128}, dividing both): the mask is a ``(M/b, K/b)`` bool tensor,
+scores are pooled per block (mean of ``|·|`` over the tile) and the mask is
+expanded to elements when applied.  :meth:`MaskedWeight.block_mask` returns the
+``(M/b, K/b)`` mask from which a block-sparse layout can be built.
+
+Distributed data parallel: masks are made from a seeded CPU generator that is
+the same on every rank and broadcast from rank 0 after every change, and scores
+that depend on data (gradients) are all-reduced first, so every rank holds the
+same masks.  FSDP is not supported yet: the manager needs whole (unsharded)
+weights, so sharded DTensor parameters (FSDP2 ``fully_shard``) are refused with
+a TypeError; the intended route (untested) is FSDP with ``use_orig_params=True``,
+building the manager and making updates inside
+``FSDP.summon_full_params(model, writeback=True)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterator, Mapping, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .density import Distribution, check_sparsity, layer_densities
+
+__all__ = [
+    "BLOCK_SIZES",
+    "GRANULARITIES",
+    "LayerFilter",
+    "MaskManager",
+    "MaskedWeight",
+    "default_filter",
+    "allocate_units",
+    "reset_optimizer_state",
+    "topk_mask",
+]
+
+GRANULARITIES = ("element", "block")
+BLOCK_SIZES = (16, 32, 64, 128)
+SKIP_NAMES = frozenset({"patch_embed", "stem", "conv_stem", "head", "classifier", "pre_logits"})
+
+LayerFilter = Callable[[str, nn.Module], bool]
+
+
+def default_filter(name: str, module: nn.Module) -> bool:
+    """Sparsify ``nn.Linear`` and ``nn.Conv2d`` weights, except the patch embedding / stem and the head.
+
+    A module is skipped when any component of its dotted ``name`` is one of
+    ``patch_embed``, ``stem``, ``conv_stem``, ``head``, ``classifier``, ``pre_logits``,
+    or when it is a top-level ``fc`` (a ResNet classifier).  Norms, biases and
+    embeddings are never selected: only ``.weight`` of Linear/Conv2d is.
+    """
+    if not isinstance(module, (nn.Linear, nn.Conv2d)):
+        return False
+    parts = name.split(".")
+    if SKIP_NAMES.intersection(parts) or name == "fc":
+        return False
+    return True
+
+
+def check_granularity(granularity: object, block_size: object) -> Optional[int]:
+    """``granularity`` must be ``"element"`` (``block_size`` None) or ``"block"`` with ``block_size`` in BLOCK_SIZES."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if granularity == "element":
+        if block_size is not None:
+            raise ValueError(f"block_size must be None for granularity='element', got {block_size!r}")
+        return None
+    if isinstance(block_size, bool) or not isinstance(block_size, int):
+        raise TypeError(f"block_size must be an int in {BLOCK_SIZES} for granularity='block', got {block_size!r}")
+    if block_size not in BLOCK_SIZES:
+        raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size}")
+    return block_size
+
+
+def _check_not_sharded(name: str, weight: torch.Tensor) -> None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        return
+    if isinstance(weight, DTensor) or isinstance(getattr(weight, "data", None), DTensor):
+        raise TypeError(
+            f"{name}.weight is a sharded DTensor (FSDP2); masks need whole weights: use FSDP with "
+            "use_orig_params=True and summon_full_params (see sparsevit.sparse_training.masks)"
+        )
+
+
+class MaskedWeight:
+    """One sparsified weight ``module.weight`` and its mask of units (elements or ``b × b`` blocks).
+
+    ``mask`` has the weight's shape (``element``) or ``(M/b, K/b)`` (``block``),
+    with ``(M, K) = (n_out, numel / n_out)``.
+    """
+
+    def __init__(self, name: str, module: nn.Module, block_size: Optional[int]):
+        self.name = name
+        self.module = module
+        self.block_size = block_size
+        w = module.weight
+        self.shape = tuple(w.shape)
+        self.matrix_shape = (self.shape[0], w.numel() // self.shape[0])
+        if block_size is not None:
+            m, k = self.matrix_shape
+            if m % block_size or k % block_size:
+                raise ValueError(
+                    f"block_size={block_size} must divide both dims of layer {name!r} "
+                    f"(weight {self.shape} viewed as the matrix {self.matrix_shape})"
+                )
+            self.unit_shape = (m // block_size, k // block_size)
+        else:
+            self.unit_shape = self.shape
+        self._mask = torch.ones(self.unit_shape, dtype=torch.bool, device=w.device)
+        self._element = torch.ones(self.shape, dtype=torch.bool, device=w.device)
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.module.weight
+
+    @property
+    def granularity(self) -> str:
+        return "element" if self.block_size is None else "block"
+
+    @property
+    def num_units(self) -> int:
+        return math.prod(self.unit_shape)
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """The unit mask (bool): weight-shaped, or ``(M/b, K/b)`` for blocks."""
+        return self._mask
+
+    @mask.setter
+    def mask(self, value: torch.Tensor) -> None:
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"mask of {self.name!r} must be a torch.Tensor, got {type(value).__name__}")
+        if tuple(value.shape) != self.unit_shape:
+            raise ValueError(f"mask of {self.name!r} must have shape {self.unit_shape}, got {tuple(value.shape)}")
+        self._mask = value.to(device=self.weight.device, dtype=torch.bool).clone()
+        self._element = self.expand(self._mask)
+
+    @property
+    def element_mask(self) -> torch.Tensor:
+        """The mask expanded to the weight's shape (bool)."""
+        return self._element
+
+    def block_mask(self) -> torch.Tensor:
+        """The ``(M/b, K/b)`` bool block mask (``True`` = block kept), for a block-sparse layout.
+
+        Raises ValueError for element granularity: such a mask is not convertible.
+        """
+        if self.block_size is None:
+            raise ValueError(f"layer {self.name!r} has element granularity: its mask has no block structure")
+        return self._mask
+
+    def active(self) -> int:
+        """Number of kept units."""
+        return int(self._mask.sum())
+
+    def density(self) -> float:
+        """Fraction of kept weights, ``Σ M / numel``."""
+        return float(self._element.sum()) / self._element.numel()
+
+    def pool(self, t: torch.Tensor) -> torch.Tensor:
+        """Per-unit score of a weight-shaped tensor: ``|t|`` (element) or the mean of ``|t|`` over each block."""
+        a = t.detach().abs().float()
+        if self.block_size is None:
+            return a
+        b = self.block_size
+        m, k = self.matrix_shape
+        return a.reshape(m // b, b, k // b, b).mean(dim=(1, 3))
+
+    def expand(self, unit_mask: torch.Tensor) -> torch.Tensor:
+        """Element mask of the weight's shape from a unit mask (block ``(i, j)`` → rows ``ib..ib+b``, cols ``jb..jb+b``)."""
+        if self.block_size is None:
+            return unit_mask.to(torch.bool)
+        b = self.block_size
+        full = unit_mask.to(torch.bool).repeat_interleave(b, 0).repeat_interleave(b, 1)
+        return full.reshape(self.shape)
+
+    @torch.no_grad()
+    def apply_(self) -> None:
+        """Zero the masked weights in place: ``W ← W ⊙ M`` (exact zeros, also where W is inf/nan)."""
+        self.weight.masked_fill_(~self._element, 0)
+
+
+def reset_optimizer_state(optimizer: torch.optim.Optimizer, param: torch.Tensor, where: torch.Tensor) -> int:
+    """Zero every per-parameter optimizer state tensor of ``param``'s shape where ``where`` is True.
+
+    Covers SGD ``momentum_buffer``, Adam/AdamW ``exp_avg``, ``exp_avg_sq`` (and
+    ``max_exp_avg_sq``) and any other state of the same shape; scalar state such as
+    ``step`` is left alone.  Returns how many state tensors were touched.
+    """
+    state = optimizer.state.get(param, {})
+    touched = 0
+    for value in state.values():
+        if isinstance(value, torch.Tensor) and value.shape == param.shape:
+            value.masked_fill_(where.to(value.device), 0)
+            touched += 1
+    return touched
+
+
+def _world() -> tuple[bool, int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return True, dist.get_rank(), dist.get_world_size()
+    return False, 0, 1
+
+
+class MaskManager:
+    """Owns one :class:`MaskedWeight` per selected layer of ``model`` and keeps ``W = W ⊙ M``.
+
+    ``sparsity`` in [0, 1) is split over layers by ``distribution`` (see
+    :func:`~sparsevit.sparse_training.density.layer_densities`); layer ``l`` keeps
+    ``round(d_l · units_l)`` units.  ``init`` picks the initial kept units:
+    ``"random"`` (uniform, from a CPU generator seeded with ``seed``, the same on
+    every rank), ``"magnitude"`` (largest pooled ``|W|``), or ``"dense"`` (all).
+    ``filter(name, module)`` selects the layers (default :func:`default_filter`).
+
+    Gradients of masked weights are zeroed by a tensor hook (before accumulation);
+    :meth:`attach` adds an optimizer post-step hook that re-applies the masks.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        sparsity: float = 0.0,
+        *,
+        distribution: Distribution = "erk",
+        granularity: str = "element",
+        block_size: Optional[int] = None,
+        filter: Optional[LayerFilter] = None,
+        init: str = "random",
+        seed: int = 0,
+        optimizer: Optional[torch.optim.Optimizer] = None,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.sparsity = check_sparsity("sparsity", sparsity)
+        self.block_size = check_granularity(granularity, block_size)
+        self.granularity = granularity
+        if init not in ("random", "magnitude", "dense"):
+            raise ValueError(f"init must be 'random', 'magnitude' or 'dense', got {init!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        filt = default_filter if filter is None else filter
+        if not callable(filt):
+            raise TypeError(f"filter must be a callable (name, module) -> bool, got {type(filt).__name__}")
+        self.model = model
+        self.layers: dict[str, MaskedWeight] = {}
+        for name, module in model.named_modules():
+            w = getattr(module, "weight", None)
+            if isinstance(w, torch.Tensor) and w.dim() >= 2 and filt(name, module):
+                _check_not_sharded(name, w)
+                self.layers[name] = MaskedWeight(name, module, self.block_size)
+        if not self.layers:
+            raise ValueError("filter selected no layer with a weight of 2 or more dims to sparsify in model")
+        self.densities = layer_densities({n: l.shape for n, l in self.layers.items()}, self.sparsity, distribution)
+        self.targets = allocate_units({n: l.num_units for n, l in self.layers.items()}, self.densities)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.collect_dense_grads = False
+        self.dense_grads: dict[str, torch.Tensor] = {}
+        self._hooks = [self._register_grad_hook(layer) for layer in self.layers.values()]
+        self._optimizer_hook = None
+        self.optimizer: Optional[torch.optim.Optimizer] = None
+        self._init_masks(init)
+        if optimizer is not None:
+            self.attach(optimizer)
+
+    # ------------------------------------------------------------------ masks
+    def target_active(self, name: str) -> int:
+        """Kept units of layer ``name``: ``⌊d_l · units_l⌋`` or one more (see :func:`allocate_units`)."""
+        return self.targets[name]
+
+    def _init_masks(self, init: str) -> None:
+        for name, layer in self.layers.items():
+            k = self.target_active(name)
+            if init == "dense" or k == layer.num_units:
+                scores = torch.ones(layer.num_units)
+                k = layer.num_units if init == "dense" else k
+            elif init == "random":
+                scores = torch.rand(layer.num_units, generator=self.generator)
+            else:
+                scores = layer.pool(layer.weight).flatten().cpu()
+            layer.mask = topk_mask(scores, k).reshape(layer.unit_shape)
+        self.sync_masks()
+        self.apply_masks()
+
+    def __iter__(self) -> Iterator[MaskedWeight]:
+        return iter(self.layers.values())
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        """``name -> unit mask`` of every layer."""
+        return {n: l.mask for n, l in self.layers.items()}
+
+    def block_mask(self, name: str) -> torch.Tensor:
+        """The ``(M/b, K/b)`` bool block mask of layer ``name`` (ValueError for element granularity)."""
+        return self.layers[name].block_mask()
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        """``W ← W ⊙ M`` for every layer."""
+        for layer in self.layers.values():
+            layer.apply_()
+
+    def layer_sparsity(self) -> dict[str, float]:
+        """``name -> 1 − Σ M / numel`` per layer."""
+        return {n: 1.0 - l.density() for n, l in self.layers.items()}
+
+    def total_sparsity(self) -> float:
+        """``1 − Σ_l Σ M_l / Σ_l numel_l`` over the sparsified layers."""
+        kept = sum(int(l.element_mask.sum()) for l in self.layers.values())
+        total = sum(l.element_mask.numel() for l in self.layers.values())
+        return 1.0 - kept / total
+
+    # -------------------------------------------------------------- gradients
+    def _register_grad_hook(self, layer: MaskedWeight):
+        def hook(grad: torch.Tensor) -> torch.Tensor:
+            if self.collect_dense_grads:
+                prev = self.dense_grads.get(layer.name)
+                g = grad.detach().clone()
+                self.dense_grads[layer.name] = g if prev is None else prev + g
+            return grad.masked_fill(~layer.element_mask, 0)
+
+        return layer.weight.register_hook(hook)
+
+    # -------------------------------------------------------------- optimizer
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        """Re-apply the masks after every ``optimizer.step()``; the optimizer must hold every masked weight."""
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        missing = [n for n, l in self.layers.items() if id(l.weight) not in held]
+        if missing:
+            raise ValueError(
+                f"optimizer does not hold the weights of the sparsified layers {missing[:5]}"
+                f"{' ...' if len(missing) > 5 else ''}: build it from this model's parameters"
+            )
+        self.detach_optimizer()
+        self.optimizer = optimizer
+        self._optimizer_hook = optimizer.register_step_post_hook(lambda opt, args, kwargs: self.apply_masks())
+
+    def detach_optimizer(self) -> None:
+        if self._optimizer_hook is not None:
+            self._optimizer_hook.remove()
+            self._optimizer_hook = None
+        self.optimizer = None
+
+    def remove(self) -> None:
+        """Remove every hook this manager installed (the weights stay as they are)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        self.detach_optimizer()
+
+    # ------------------------------------------------------------ distributed
+    def sync_masks(self) -> None:
+        """Broadcast every mask from rank 0 (no-op outside torch.distributed)."""
+        on, _, world = _world()
+        if not on or world == 1:
+            return
+        for layer in self.layers.values():
+            buf = layer.mask.to(torch.uint8)
+            buf = buf.to(_comm_device(buf))
+            dist.broadcast(buf, src=0)
+            layer.mask = buf.to(torch.bool)
+
+    def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
+        """The mean of ``t`` over ranks (``t`` itself outside torch.distributed)."""
+        on, _, world = _world()
+        if not on or world == 1:
+            return t
+        buf = t.detach().float().to(_comm_device(t)).clone()
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+        return (buf / world).to(t.device)
+
+    # ------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """Masks (CPU bool), densities and the generator state."""
+        return {
+            "granularity": self.granularity,
+            "block_size": self.block_size,
+            "densities": dict(self.densities),
+            "masks": {n: l.mask.cpu().clone() for n, l in self.layers.items()},
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore masks and the generator; the layers and granularity must match."""
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be a mapping from state_dict(), got {type(state).__name__}")
+        if state.get("granularity") != self.granularity or state.get("block_size") != self.block_size:
+            raise ValueError(
+                f"state has granularity {state.get('granularity')!r} / block_size {state.get('block_size')!r}, "
+                f"this manager {self.granularity!r} / {self.block_size!r}"
+            )
+        masks = state["masks"]
+        if set(masks) != set(self.layers):
+            raise ValueError(f"state masks are for layers {sorted(masks)}, this manager has {sorted(self.layers)}")
+        for name, layer in self.layers.items():
+            layer.mask = masks[name]
+        self.densities = dict(state["densities"])
+        self.targets = {n: int(self.layers[n].mask.sum()) for n in self.layers}
+        self.generator.set_state(state["generator"])
+        self.apply_masks()
+
+
+def allocate_units(units: Mapping[str, int], densities: Mapping[str, float]) -> dict[str, int]:
+    """Kept units per layer with an exact total: ``c_l ∈ {⌊d_l u_l⌋, ⌈d_l u_l⌉}`` and ``Σ c_l = round(Σ d_l u_l)``.
+
+    Largest remainders first (ties: layer order), so the total is exact even
+    when layers have few units (large blocks).
+    """
+    exact = {n: densities[n] * units[n] for n in units}
+    counts = {n: min(units[n], int(math.floor(exact[n] + 1e-9))) for n in units}
+    left = int(round(sum(exact.values()))) - sum(counts.values())
+    order = sorted(units, key=lambda n: -(exact[n] - counts[n]))
+    for n in order:
+        if left <= 0:
+            break
+        if counts[n] < units[n]:
+            counts[n] += 1
+            left -= 1
+    return counts
+
+
+def _comm_device(t: torch.Tensor) -> torch.device:
+    """The device collectives run on: CUDA for NCCL, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of ``scores``' shape with ``True`` at the ``k`` largest entries (ties: lowest index first)."""
+    flat = scores.reshape(-1)
+    k = max(0, min(int(k), flat.numel()))
+    out = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    if k:
+        # A stable descending sort makes the choice among ties deterministic on every device.
+        order = torch.sort(flat, descending=True, stable=True).indices[:k]
+        out[order] = True
+    return out.reshape(scores.shape)

@@ -1,0 +1,238 @@
+"""RigL, SET and static sparse training (Evci et al., "Rigging the Lottery", ICML 2020, Alg. 1).
+
+Every ``delta_t`` steps ``t`` with ``t < t_end``, in every sparsified layer with
+``n`` active units (elements or ``b × b`` blocks):
+
+    f(t) = (α / 2) · (1 + cos(π t / t_end))                  (cosine drop fraction, eq. 1)
+    k    = ⌊f(t) · n⌋
+    drop: the k active units of smallest |W|                   (pooled per block)
+    grow: the k units, inactive after the drop, of largest |∂L/∂W|  (RigL, dense gradient)
+          or chosen uniformly at random                        (SET, Mocanu et al. 2018)
+
+so every layer keeps exactly ``n`` active units.  Newly grown weights are set to
+0 (the loss does not move) and every per-parameter optimizer state of theirs
+(SGD momentum, Adam/AdamW first and second moments, ...) is zeroed.  Static
+sparse training keeps the initial random mask.
+
+Usage, one call per training step::
+
+    rigl = RigL(model, optimizer, sparsity=0.9, delta_t=100, t_end=int(0.75 * steps))
+    for x, y in loader:
+        optimizer.zero_grad()
+        loss_fn(model(x), y).backward()   # masked grads; the dense grad is kept on update steps only
+        optimizer.step()                  # the masks are re-applied right after
+        rigl.step()                       # drop / grow on update steps
+
+Departure from the paper's code: the update happens after the optimizer step
+of its iteration (with that step's dense gradient) rather than replacing it,
+so grown weights are exactly zero when ``step()`` returns.
+
+Distributed data parallel: dense gradients are all-reduced (mean) before they
+score growth, SET draws from a generator seeded identically on every rank, and
+new masks are broadcast from rank 0, so all ranks hold the same masks.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Optional
+
+import torch
+from torch import nn
+
+from .density import Distribution
+from .masks import LayerFilter, MaskManager, reset_optimizer_state, topk_mask
+
+__all__ = ["DynamicSparseTraining", "RigL", "SET", "StaticSparse", "cosine_drop_fraction"]
+
+
+def cosine_drop_fraction(t: int, t_end: int, alpha: float) -> float:
+    """``f(t) = (α / 2) · (1 + cos(π t / t_end))``, and 0 from ``t_end`` on."""
+    if t >= t_end:
+        return 0.0
+    return alpha / 2.0 * (1.0 + math.cos(math.pi * t / t_end))
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+class DynamicSparseTraining:
+    """The machinery RigL, SET and static sparse training share (see the module docstring).
+
+    ``grow``: ``"gradient"`` (RigL), ``"random"`` (SET) or ``None`` (static).
+    """
+
+    grow: Optional[str] = None
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        sparsity: float,
+        *,
+        delta_t: int = 100,
+        t_end: Optional[int] = None,
+        alpha: float = 0.3,
+        distribution: Distribution = "erk",
+        granularity: str = "element",
+        block_size: Optional[int] = None,
+        filter: Optional[LayerFilter] = None,
+        seed: int = 0,
+    ):
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self.delta_t = _positive_int("delta_t", delta_t)
+        if self.grow is not None:
+            if t_end is None:
+                raise ValueError("t_end (the last step with mask updates, e.g. 75% of training) is required")
+            self.t_end = _positive_int("t_end", t_end)
+        else:
+            self.t_end = 0
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (0.0 <= float(alpha) <= 1.0):
+            raise ValueError(f"alpha must be a float in [0, 1], got {alpha!r}")
+        self.alpha = float(alpha)
+        self.manager = MaskManager(
+            model,
+            sparsity,
+            distribution=distribution,
+            granularity=granularity,
+            block_size=block_size,
+            filter=filter,
+            init="random",
+            seed=seed,
+            optimizer=optimizer,
+        )
+        self.model = model
+        self.optimizer = optimizer
+        self.t = 0
+        self.history: list[dict] = []
+        self.manager.collect_dense_grads = self.needs_dense_grad()
+
+    # --------------------------------------------------------------- schedule
+    def is_update_step(self, t: int) -> bool:
+        """True when step ``t`` (1-based) updates the masks: ``t mod ΔT = 0`` and ``t < t_end``."""
+        return self.grow is not None and t > 0 and t % self.delta_t == 0 and t < self.t_end
+
+    def drop_fraction(self, t: int) -> float:
+        """``f(t)`` of the module docstring."""
+        return cosine_drop_fraction(t, self.t_end, self.alpha) if self.grow is not None else 0.0
+
+    def needs_dense_grad(self) -> bool:
+        """Whether the coming backward pass (of step ``t + 1``) must keep the dense gradient."""
+        return self.grow == "gradient" and self.is_update_step(self.t + 1)
+
+    # ------------------------------------------------------------------ steps
+    def step(self) -> bool:
+        """Advance one training step (call after ``optimizer.step()``); returns True when masks changed."""
+        self.t += 1
+        updated = False
+        if self.is_update_step(self.t):
+            self._update(self.drop_fraction(self.t))
+            updated = True
+        self.manager.dense_grads.clear()
+        self.manager.collect_dense_grads = self.needs_dense_grad()
+        return updated
+
+    def _grow_scores(self, name: str) -> torch.Tensor:
+        layer = self.manager.layers[name]
+        if self.grow == "random":
+            return torch.rand(layer.num_units, generator=self.manager.generator).to(layer.weight.device)
+        grad = self.manager.dense_grads.get(name)
+        if grad is None:
+            raise RuntimeError(
+                f"no dense gradient was recorded for layer {name!r} on update step {self.t}: call backward() "
+                "then step() exactly once per training step"
+            )
+        return self.manager.all_reduce_mean(layer.pool(grad)).flatten()
+
+    @torch.no_grad()
+    def _update(self, fraction: float) -> None:
+        new_masks = {}
+        dropped = {}
+        for name, layer in self.manager.layers.items():
+            mask = layer.mask.flatten()
+            n_active = int(mask.sum())
+            k = int(fraction * n_active)
+            dropped[name] = k
+            if k == 0:
+                new_masks[name] = layer.mask
+                continue
+            neg_inf = torch.tensor(float("-inf"), device=mask.device)
+            drop_scores = torch.where(mask, layer.pool(layer.weight).flatten(), neg_inf)
+            kept = topk_mask(drop_scores, n_active - k)
+            grow_scores = torch.where(kept, neg_inf, self._grow_scores(name).to(mask.device))
+            grown = topk_mask(grow_scores, k)
+            new_masks[name] = (kept | grown).reshape(layer.unit_shape)
+        old = {name: layer.mask for name, layer in self.manager.layers.items()}
+        for name, layer in self.manager.layers.items():
+            layer.mask = new_masks[name]
+        self.manager.sync_masks()
+        regrown_total = 0
+        for name, layer in self.manager.layers.items():
+            regrown = layer.expand(layer.mask & ~old[name])
+            regrown_total += int(regrown.sum())
+            layer.weight.masked_fill_(regrown, 0)
+            reset_optimizer_state(self.optimizer, layer.weight, regrown)
+        self.manager.apply_masks()
+        self.history.append({
+            "step": self.t,
+            "drop_fraction": fraction,
+            "dropped_units": dropped,
+            "regrown_weights": regrown_total,
+            "sparsity": self.manager.total_sparsity(),
+        })
+
+    # ------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """Step, schedule, history, and the manager's masks and generator state."""
+        return {
+            "t": self.t,
+            "grow": self.grow,
+            "delta_t": self.delta_t,
+            "t_end": self.t_end,
+            "alpha": self.alpha,
+            "history": [dict(h) for h in self.history],
+            "manager": self.manager.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Resume: the next decisions are exactly those of the uninterrupted run."""
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be a mapping from state_dict(), got {type(state).__name__}")
+        if state.get("grow") != self.grow:
+            raise ValueError(f"state is for grow={state.get('grow')!r}, this trainer has grow={self.grow!r}")
+        self.t = int(state["t"])
+        self.delta_t = int(state["delta_t"])
+        self.t_end = int(state["t_end"])
+        self.alpha = float(state["alpha"])
+        self.history = [dict(h) for h in state["history"]]
+        self.manager.load_state_dict(state["manager"])
+        self.manager.dense_grads.clear()
+        self.manager.collect_dense_grads = self.needs_dense_grad()
+
+    def block_mask(self, name: str) -> torch.Tensor:
+        """The ``(M/b, K/b)`` block mask of layer ``name`` (block granularity only)."""
+        return self.manager.block_mask(name)
+
+
+class RigL(DynamicSparseTraining):
+    """RigL: drop by |W|, grow by |dense gradient| (Evci et al. 2020)."""
+
+    grow = "gradient"
+
+
+class SET(DynamicSparseTraining):
+    """Sparse Evolutionary Training: drop by |W|, grow at random (Mocanu et al. 2018)."""
+
+    grow = "random"
+
+
+class StaticSparse(DynamicSparseTraining):
+    """A fixed random sparse mask for the whole run (the baseline of RigL's Table 1)."""
+
+    grow = None
