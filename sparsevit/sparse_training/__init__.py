@@ -8,9 +8,11 @@
   (Frankle & Carbin 2019, Frankle et al. 2020);
 * :mod:`.supermask` -- edge-popup supermasks on frozen random weights (Ramanujan et al. 2020);
 * :mod:`.tickets` -- masks to and from files (safetensors where available);
-* :mod:`.loop` -- a minimal training loop for the built-in IMP rounds and the suites.
+* :mod:`.loop` -- a minimal training loop for the built-in IMP rounds and the suites;
+* :mod:`.block_sparse` -- :func:`to_block_sparse`: block-masked Linears to ``BlockSparseLinear``.
 """
 
+from .block_sparse import BlockSparseReport, to_block_sparse
 from .density import DISTRIBUTIONS, layer_densities
 from .lottery import LotteryTicket
 from .loop import accuracy, fit
@@ -20,6 +22,8 @@ from .supermask import SupermaskLayer, convert_to_supermask, supermask_layers, t
 from .tickets import load_ticket, save_ticket
 
 __all__ = [
+    "BlockSparseReport",
+    "to_block_sparse",
     "BLOCK_SIZES",
     "DISTRIBUTIONS",
     "GRANULARITIES",

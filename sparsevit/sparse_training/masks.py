@@ -363,6 +363,16 @@ class MaskManager:
             self._optimizer_hook = None
         self.optimizer = None
 
+    def release(self, name: str) -> None:
+        """Stop managing layer ``name`` (its gradient hook removed), e.g. once it is block-sparse."""
+        if name not in self.layers:
+            raise ValueError(f"name must be a managed layer, got {name!r}")
+        position = list(self.layers).index(name)
+        if self._hooks:
+            self._hooks.pop(position).remove()
+        del self.layers[name]
+        self.dense_grads.pop(name, None)
+
     def remove(self) -> None:
         """Remove every hook this manager installed (the weights stay as they are)."""
         for h in self._hooks:
