@@ -9,10 +9,12 @@
 * :mod:`.supermask` -- edge-popup supermasks on frozen random weights (Ramanujan et al. 2020);
 * :mod:`.tickets` -- masks to and from files (safetensors where available);
 * :mod:`.loop` -- a minimal training loop for the built-in IMP rounds and the suites;
-* :mod:`.block_sparse` -- :func:`to_block_sparse`: block-masked Linears to ``BlockSparseLinear``.
+* :mod:`.block_sparse` -- :func:`to_block_sparse`: block-masked Linears to ``BlockSparseLinear``;
+* :mod:`.block_sparse_training` -- :func:`train_block_sparse`: sparse training on the block-sparse kernels.
 """
 
 from .block_sparse import BlockSparseReport, to_block_sparse
+from .block_sparse_training import BlockSparseTrainedLinear, train_block_sparse
 from .density import DISTRIBUTIONS, layer_densities
 from .lottery import LotteryTicket
 from .loop import accuracy, fit
@@ -24,6 +26,8 @@ from .tickets import load_ticket, save_ticket
 __all__ = [
     "BlockSparseReport",
     "to_block_sparse",
+    "BlockSparseTrainedLinear",
+    "train_block_sparse",
     "BLOCK_SIZES",
     "DISTRIBUTIONS",
     "GRANULARITIES",

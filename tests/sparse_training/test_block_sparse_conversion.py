@@ -58,3 +58,40 @@ def test_bad_arguments() -> None:
         to_block_sparse(tiny_vit(1), manager)
     with pytest.raises(TypeError, match="model must be"):
         to_block_sparse("vit", manager)
+
+
+def test_training_on_block_sparse_kernels_matches_masked_dense() -> None:
+    import copy
+
+    from sparsevit.sparse_training import BlockSparseTrainedLinear, train_block_sparse
+
+    dense_model = tiny_vit()
+    sparse_model = copy.deepcopy(dense_model)
+    runs = []
+    for model in (dense_model, sparse_model):
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        rigl = RigL(model, opt, 0.75, delta_t=3, t_end=9, granularity="block", block_size=16, distribution="uniform")
+        runs.append((model, opt, rigl))
+    report = train_block_sparse(runs[1][2].manager)
+    assert report.converted and all(isinstance(sparse_model.get_submodule(n), BlockSparseTrainedLinear) for n, _ in report.converted)
+    assert list(sparse_model.state_dict()) == list(dense_model.state_dict())
+    assert all(0.0 < d < 1.0 for _, d in report.converted)
+    for step in range(5):  # steps 0..4 include a mask update (RigL step 3)
+        x, y = batch(step)
+        losses, grads = [], []
+        for model, opt, rigl in runs:
+            opt.zero_grad(set_to_none=True)
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            losses.append(loss.detach())
+            grads.append({n: model.get_submodule(n).weight.grad.clone() for n, _ in report.converted})
+            opt.step()
+            rigl.step()
+        torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
+        for n in grads[0]:
+            torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-5, rtol=1e-4)
+    for name, _ in report.converted:
+        layer = sparse_model.get_submodule(name)
+        mask = runs[1][2].manager.layers[name].mask
+        assert torch.equal(layer.current_layout().to_mask(), mask)
+        assert torch.equal(mask, runs[0][2].manager.layers[name].mask)  # same decisions as the dense-masked run
