@@ -46,7 +46,7 @@ class Config:
 
 
 QUICK = Config(canvas=32, scale=1, patch=8, embed_dim=48, depth=4, heads=3, epochs=3, finetune_epochs=1, ticket_keep=0.25, seeds=(0,))
-FULL = Config(canvas=48, scale=2, patch=8, embed_dim=64, depth=6, heads=4, epochs=15, finetune_epochs=4, ticket_keep=0.25, seeds=(0, 1))
+FULL = Config(canvas=40, scale=2, patch=8, embed_dim=48, depth=4, heads=3, epochs=10, finetune_epochs=6, ticket_keep=0.25, seeds=(0, 1))
 BATCH = 64
 EVAL_BATCH = 256
 

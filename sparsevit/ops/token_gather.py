@@ -26,6 +26,7 @@ import torch
 
 from .. import reference
 from ..backend import OpSupport, Support, choose_backend
+from . import token_gather_torch
 from .validation import (
     check_float,
     check_index_range,
@@ -62,7 +63,7 @@ def _gather_impl(x: torch.Tensor, index: torch.Tensor, backend: str) -> torch.Te
         return torch.ops.sparsevit.gather_tokens_cuda(x, index)
     if backend == "triton":
         return _triton().gather_tokens(x, index)
-    return reference.gather_tokens(x, index).contiguous()
+    return token_gather_torch.gather_tokens(x, index)
 
 
 def _scatter_impl(src: torch.Tensor, index: torch.Tensor, base: torch.Tensor, backend: str) -> torch.Tensor:
@@ -70,7 +71,7 @@ def _scatter_impl(src: torch.Tensor, index: torch.Tensor, base: torch.Tensor, ba
         return torch.ops.sparsevit.scatter_tokens_cuda(src, index, base)
     if backend == "triton":
         return _triton().scatter_tokens(src, index, base.contiguous().clone())
-    return reference.scatter_tokens(src, index, base).contiguous()
+    return token_gather_torch.scatter_tokens(src, index, base)
 
 
 def _scatter_add_impl(src: torch.Tensor, index: torch.Tensor, n: int, backend: str) -> torch.Tensor:
@@ -79,7 +80,7 @@ def _scatter_add_impl(src: torch.Tensor, index: torch.Tensor, n: int, backend: s
     if backend == "triton":
         acc = torch.zeros((src.shape[0], n, src.shape[2]), dtype=torch.float32, device=src.device)
         return _triton().scatter_add_tokens(src, index, acc).to(src.dtype)
-    return reference.scatter_add_tokens(src, index, n).contiguous()
+    return token_gather_torch.scatter_add_tokens(src, index, n)
 
 
 # ----------------------------------------------------------------------------------
