@@ -5,7 +5,8 @@ canvas (:mod:`sparsevit.datasets.scattered_digits`), so most patches are backgro
 A small timm ViT (class token, average pooling) is trained from scratch; then, from it:
 
 * DynamicViT at ρ = 0.7 and 0.5, fine-tuned with the dense model as teacher
-  (DynamicViTLoss: CE + 2·ratio + 0.5·KL), evaluated with real token dropping;
+  (DynamicViTLoss: CE + 2·ratio + 0.5·KL; predictors at lr 1e-3, backbone at 1e-5),
+  evaluated with real token dropping;
 * a data-level patch ticket (Shen et al. 2023): the dense model's class-token attention
   picks k patches per image; a ViT from the *same initialisation* is trained on only
   those patches, against the same ViT trained on k random patches; both evaluated
@@ -100,7 +101,9 @@ def run(runner: Runner) -> None:
                     teacher = dense(images)
                 return loss_fn(m(images), labels, teacher_logits=teacher)
 
-            train(model, lambda e: train_set.batches(BATCH, shuffle=True, seed=7 + e), cfg.finetune_epochs, lr=5e-4, step_fn=step)
+            # As the public recipe: predictors at the base rate, the pretrained backbone at 1/100.
+            train(model, lambda e: train_set.batches(BATCH, shuffle=True, seed=7 + e), cfg.finetune_epochs, lr=1e-3,
+                  step_fn=step, lr_for=lambda name: 1e-3 if name.startswith("score_predictor") else 1e-5)
             model.eval()
             acc = evaluate(model, test_set.batches(EVAL_BATCH))
             with torch.no_grad():

@@ -30,15 +30,25 @@ def train(
     weight_decay: float = 0.05,
     step_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy_step,
     steps_per_epoch: Optional[int] = None,
+    lr_for: Optional[Callable[[str], float]] = None,
 ) -> list[float]:
     """Train ``model`` for ``epochs`` (``batches(epoch)`` yields the epoch's batches); returns epoch losses.
 
-    Learning rate: lr · ½(1 + cos(π t / T)) over the T optimizer steps.
+    Learning rate: lr · ½(1 + cos(π t / T)) over the T optimizer steps; ``lr_for(name)``
+    gives a parameter its own base rate instead of ``lr`` (e.g. DynamicViT's predictors
+    at 100× the backbone's).
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if lr_for is None:
+        groups = [{"params": [p for _, p in named], "lr": lr}]
+    else:
+        rates: dict = {}
+        for n, p in named:
+            rates.setdefault(float(lr_for(n)), []).append(p)
+        groups = [{"params": ps, "lr": r} for r, ps in rates.items()]
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     total = epochs * (steps_per_epoch or sum(1 for _ in batches(0)))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, total) / total)))
     history = []
