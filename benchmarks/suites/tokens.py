@@ -10,6 +10,7 @@ B=256, N=197, C=384..1024 in bf16).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -56,6 +57,17 @@ def run(runner: Runner) -> None:
         _select(runner, sets, dtype)
 
 
+def _checked_ours(runner: Runner, op: str, sets: list, ref: torch.Tensor, call: Callable, **tol) -> tuple[dict, dict]:
+    """``call(x, index, scores, src, backend=...)`` on every backend that runs here, each checked
+    against ``ref`` on the first input set before it is timed; returns (callables, max errors)."""
+    ours, errors = {}, {}
+    for backend in _backends(runner):
+        fn = functools.partial(call, backend=backend)
+        errors[backend] = runner.check(f"{op}[{backend}]", fn(*sets[0]), ref, **tol)
+        ours[backend] = fn
+    return ours, errors
+
+
 def _point(runner: Runner, op: str, x: torch.Tensor, k: int, dtype: torch.dtype, nbytes: int, baseline: str,
            baseline_fn: Callable, ours: dict[str, Callable], sets: list, errors: dict[str, float]) -> None:
     base_ms = time_ms(rotating(sets, baseline_fn), runner.device)
@@ -73,11 +85,8 @@ def _gather(runner: Runner, sets: list, dtype: torch.dtype) -> None:
     b, n, c = x.shape
     k = index.shape[1]
     ref = reference.gather_tokens(x, index)
-    ours, errors = {}, {}
-    for backend in _backends(runner):
-        fn = (lambda be: lambda x, i, s, src: sparsevit.gather_tokens(x, i, check_index=False, backend=be))(backend)
-        errors[backend] = runner.check(f"gather_tokens[{backend}]", fn(*sets[0]), ref)
-        ours[backend] = fn
+    ours, errors = _checked_ours(runner, "gather_tokens", sets, ref,
+                                 lambda x, i, s, src, backend: sparsevit.gather_tokens(x, i, check_index=False, backend=backend))
     nbytes = 2 * b * k * c * x.element_size() + index.numel() * index.element_size()
 
     def torch_gather(x, i, s, src):
@@ -99,11 +108,9 @@ def _scatter(runner: Runner, sets: list, dtype: torch.dtype) -> None:
     b, n, c = x.shape
     k = index.shape[1]
     ref = reference.scatter_tokens(src, index, x)
-    ours, errors = {}, {}
-    for backend in _backends(runner):
-        fn = (lambda be: lambda x, i, s, src: sparsevit.scatter_tokens(src, i, base=x, check_index=False, backend=be))(backend)
-        errors[backend] = runner.check(f"scatter_tokens[{backend}]", fn(*sets[0]), ref)
-        ours[backend] = fn
+    ours, errors = _checked_ours(
+        runner, "scatter_tokens", sets, ref,
+        lambda x, i, s, src, backend: sparsevit.scatter_tokens(src, i, base=x, check_index=False, backend=backend))
     es = x.element_size()
     nbytes = 2 * b * n * c * es + 2 * b * k * c * es  # copy base, then read src rows and overwrite
 
@@ -118,11 +125,10 @@ def _scatter_add(runner: Runner, sets: list, dtype: torch.dtype) -> None:
     b, n, c = x.shape
     k = index.shape[1]
     ref = reference.scatter_add_tokens(src, index, n)
-    ours, errors = {}, {}
-    for backend in _backends(runner):
-        fn = (lambda be: lambda x, i, s, src: sparsevit.scatter_add_tokens(src, i, n, check_index=False, backend=be))(backend)
-        errors[backend] = runner.check(f"scatter_add_tokens[{backend}]", fn(*sets[0]), ref, atol=1e-2, rtol=1e-2)
-        ours[backend] = fn
+    ours, errors = _checked_ours(
+        runner, "scatter_add_tokens", sets, ref,
+        lambda x, i, s, src, backend: sparsevit.scatter_add_tokens(src, i, n, check_index=False, backend=backend),
+        atol=1e-2, rtol=1e-2)
     # Minimum traffic: read src rows, write the (B, N, C) result once.
     nbytes = b * k * c * x.element_size() + b * n * c * x.element_size()
 
@@ -137,11 +143,8 @@ def _select(runner: Runner, sets: list, dtype: torch.dtype) -> None:
     b, n, c = x.shape
     k = index.shape[1] - 1
     ref_tokens, _ = reference.select_tokens(x, scores, k, 1, "position")
-    ours, errors = {}, {}
-    for backend in _backends(runner):
-        fn = (lambda be: lambda x, i, s, src: sparsevit.select_tokens(x, s, k, backend=be)[0])(backend)
-        errors[backend] = runner.check(f"select_tokens[{backend}]", fn(*sets[0]), ref_tokens)
-        ours[backend] = fn
+    ours, errors = _checked_ours(runner, "select_tokens", sets, ref_tokens,
+                                 lambda x, i, s, src, backend: sparsevit.select_tokens(x, s, k, backend=backend)[0])
     nbytes = 2 * b * (k + 1) * c * x.element_size() + scores.numel() * scores.element_size()
 
     def topk_gather(x, i, s, src):
