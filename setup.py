@@ -7,7 +7,9 @@ CUDA toolkit are both present:
 
 * ``SPARSEVIT_BUILD_CUDA=0`` never builds it;
 * ``SPARSEVIT_BUILD_CUDA=1`` always builds it and fails loudly if it cannot;
-* unset: build it when possible, otherwise install the pure Python/Triton package.
+* unset: build it when possible, otherwise install the pure Python/Triton package;
+  a build that starts and fails (compiler or linker error) is reported in one
+  message and the package installs without the extension.
 
 Because the extension compiles against the torch that is already installed,
 install with ``pip install --no-build-isolation .`` when you want it.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import glob
 import os
+import sys
 
 from setuptools import setup
 
@@ -86,7 +89,48 @@ def _cuda_extension():
         },
     )
     print(f"sparsevit: building the CUDA extension with {CUDA_HOME} for torch {torch.__version__}")
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=_has_ninja())}
+    build_ext = BuildExtension.with_options(use_ninja=_has_ninja())
+    if mode == "auto":
+        build_ext = _optional_build(build_ext)
+    return [ext], {"build_ext": build_ext}
+
+
+_SKIP_HINT = (
+    "set SPARSEVIT_BUILD_CUDA=1 to make a failed build an error (and see the compiler "
+    "output above), or SPARSEVIT_BUILD_CUDA=0 to skip the build"
+)
+
+
+def _optional_build(base):
+    """``base`` (a build_ext class) whose failure installs the package without the extension.
+
+    In automatic mode a compiler or linker error (e.g. an ``nvcc`` that cannot link
+    ``-lcudart``) must not fail ``pip install``: the Python/Triton package works
+    without ``sparsevit._C``, and the backend table says why it is missing.
+    """
+
+    class OptionalBuildExt(base):
+        failed: "str | None" = None
+
+        def run(self) -> None:
+            try:
+                super().run()
+            except Exception as exc:  # noqa: BLE001 - any build failure falls back
+                OptionalBuildExt.failed = f"{type(exc).__name__}: {exc}"
+                print(
+                    "sparsevit: the C++/CUDA extension failed to build "
+                    f"({OptionalBuildExt.failed}); installing without it (the triton and "
+                    f"torch backends still work). {_SKIP_HINT}.",
+                    file=sys.stderr,
+                )
+
+        def get_outputs(self) -> list:
+            return [] if OptionalBuildExt.failed else super().get_outputs()
+
+        def get_output_mapping(self) -> dict:
+            return {} if OptionalBuildExt.failed else super().get_output_mapping()
+
+    return OptionalBuildExt
 
 
 def _has_ninja() -> bool:
