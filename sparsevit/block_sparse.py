@@ -22,7 +22,9 @@ class BlockSparseMatrix:
     """A block-sparse matrix: ``values (nnz, b, b)`` on ``layout``, optionally transposed.
 
     ``shape`` is ``layout.shape`` (or its reverse when ``transposed``).  Construct
-    with ``BlockSparseMatrix(values, layout)`` or :meth:`from_dense`.
+    with ``BlockSparseMatrix(values, layout)`` or :meth:`from_dense`.  The layout was
+    checked when it was built (see :mod:`sparsevit.layout`); the values must be a
+    floating-point ``(nnz_blocks, b, b)`` tensor on the layout's device.
     """
 
     __slots__ = ("values", "layout", "transposed")
@@ -32,6 +34,8 @@ class BlockSparseMatrix:
             raise TypeError(f"layout must be a BlockSparseLayout, got {type(layout).__name__}")
         if not isinstance(values, torch.Tensor):
             raise TypeError(f"values must be a torch.Tensor (nnz, b, b), got {type(values).__name__}")
+        if not values.is_floating_point():
+            raise TypeError(f"values must be a floating-point tensor (nnz, b, b), got {values.dtype}")
         b = layout.block_size
         if tuple(values.shape) != (layout.nnz_blocks, b, b):
             raise ValueError(

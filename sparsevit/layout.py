@@ -17,6 +17,13 @@ For an ``(M, K)`` matrix at block size ``b`` the block mask is ``(M/b, K/b)``; i
 All index tensors are int32 on the layout's device and are built there from the
 mask (the only host round-trips are the block counts).  A layout is immutable and
 hashable (by content), so it can key caches.
+
+Every kernel trusts these indices, so a layout built from index tensors a user gives
+(the constructor, unpickling, a loaded ``state_dict``) is checked once, by
+:meth:`BlockSparseLayout.validate`, before anything can use it; the constructors that
+derive the indices themselves (:meth:`~BlockSparseLayout.from_mask` and the ones built
+on it, :meth:`~BlockSparseLayout.to`) skip that redundant check.  The index tensors
+must not be modified in place afterwards.
 """
 
 from __future__ import annotations
@@ -58,6 +65,17 @@ def _check_sparsity(sparsity: object) -> float:
     return float(sparsity)
 
 
+def _has_data(t: torch.Tensor) -> bool:
+    """False for tensors whose values cannot be read: meta, and fake tensors while tracing."""
+    if t.is_meta:
+        return False
+    try:
+        from torch._subclasses.fake_tensor import is_fake
+    except ImportError:  # pragma: no cover
+        return True
+    return not is_fake(t)
+
+
 def kept_blocks(num_blocks: int, sparsity: float) -> int:
     """Blocks kept at a target ``sparsity``: ``num_blocks − round(sparsity · num_blocks)``."""
     return num_blocks - int(round(sparsity * num_blocks))
@@ -66,7 +84,8 @@ def kept_blocks(num_blocks: int, sparsity: float) -> int:
 class BlockSparseLayout:
     """The block sparsity pattern of an ``(M, K)`` matrix; see the module docstring.
 
-    Build one with :meth:`from_mask`, :meth:`from_dense` or :meth:`random`.
+    Build one with :meth:`from_mask`, :meth:`from_dense` or :meth:`random`, or from
+    the six index tensors of the module docstring (checked by :meth:`validate`).
     """
 
     __slots__ = ("shape", "block_size") + _INDEX_NAMES + ("_hash",)
@@ -82,16 +101,31 @@ class BlockSparseLayout:
         bsc_row_indices: torch.Tensor,
         bsc_perm: torch.Tensor,
     ) -> None:
-        """Wrap index tensors as they are (no checks; call :meth:`validate` for those)."""
+        """Wrap user-given index tensors, after checking them with :meth:`validate` (syncs).
+
+        The tensors are made contiguous (the kernels read them with unit stride); a
+        ValueError names the first inconsistency.
+        """
+        self._fill(shape, block_size, (row_offsets, col_indices, row_indices, col_offsets, bsc_row_indices, bsc_perm))
+        self.validate()
+
+    def _fill(self, shape: tuple[int, int], block_size: int, index: tuple) -> None:
         block_size = _check_block_size(block_size)
         set_ = object.__setattr__
         set_(self, "shape", _check_shape(shape, block_size))
         set_(self, "block_size", block_size)
-        for name, t in zip(_INDEX_NAMES, (row_offsets, col_indices, row_indices, col_offsets, bsc_row_indices, bsc_perm)):
+        for name, t in zip(_INDEX_NAMES, index):
             if not isinstance(t, torch.Tensor) or t.dim() != 1:
                 raise TypeError(f"{name} must be a 1-D tensor")
-            set_(self, name, t)
+            set_(self, name, t.contiguous())
         set_(self, "_hash", None)
+
+    @classmethod
+    def _trusted(cls, shape: tuple[int, int], block_size: int, *index: torch.Tensor) -> "BlockSparseLayout":
+        """A layout of indices derived by this module (or already validated): no data checks."""
+        layout = cls.__new__(cls)
+        layout._fill(shape, block_size, index)
+        return layout
 
     # -- immutability -------------------------------------------------------------
     def __setattr__(self, name: str, value: object) -> None:
@@ -123,7 +157,7 @@ class BlockSparseLayout:
         ordinal[nz[:, 0], nz[:, 1]] = torch.arange(nnz, dtype=torch.int32, device=dev)
         nz_t = mask.t().nonzero()  # (col, row), column-major order
         bsc_perm = ordinal[nz_t[:, 1], nz_t[:, 0]]
-        return cls(
+        return cls._trusted(
             shape, block_size,
             row_offsets, nz[:, 1].to(torch.int32), nz[:, 0].to(torch.int32),
             col_offsets, nz_t[:, 1].to(torch.int32), bsc_perm.to(torch.int32),
@@ -226,15 +260,19 @@ class BlockSparseLayout:
 
     def to(self, device: "torch.device | str") -> "BlockSparseLayout":
         """The same layout on ``device``."""
-        return BlockSparseLayout(self.shape, self.block_size, *(t.to(device) for t in self.index_tensors()))
+        return BlockSparseLayout._trusted(self.shape, self.block_size, *(t.to(device) for t in self.index_tensors()))
 
     # -- checks -----------------------------------------------------------------------
     def validate(self) -> "BlockSparseLayout":
         """Check that the index tensors describe one consistent pattern (syncs); return self.
 
-        Raises ValueError naming the first inconsistency: dtypes and sizes, monotone
-        offsets, in-range strictly increasing indices per row/column, the row indices
-        matching the offsets, and the BSC index being the transpose of the BSR index.
+        Raises ValueError naming the first inconsistency: dtypes (int32), devices and
+        sizes, in-range distinct ``(row, col)`` pairs, and every index equal to the one
+        :meth:`from_mask` derives from that block set, i.e. offsets that count the
+        blocks, strictly increasing columns within a block row (BSR, row-major), and a
+        BSC index (``col_offsets``, ``bsc_row_indices``, ``bsc_perm``) that is exactly
+        its transpose.  Tensors without data (meta / fake, as under tracing) get only
+        the dtype, device and size checks.
         """
         mb, kb = self.blocks_shape
         nnz = self.nnz_blocks
@@ -250,6 +288,8 @@ class BlockSparseLayout:
                 raise ValueError(f"{name} must have {want} entries, got {t.numel()}")
         if nnz > mb * kb:
             raise ValueError(f"nnz_blocks={nnz} exceeds the {mb * kb} blocks of the matrix")
+        if not _has_data(self.row_offsets):
+            return self
         mask = torch.zeros(mb, kb, dtype=torch.bool, device=self.device)
         if nnz:
             if self.col_indices.min() < 0 or self.col_indices.max() >= kb:

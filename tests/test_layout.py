@@ -151,3 +151,78 @@ def test_matrix_errors() -> None:
         BlockSparseMatrix.from_dense(torch.randn(32, 32))
     with pytest.raises(ValueError, match="dense has shape"):
         BlockSparseMatrix.from_dense(torch.randn(32, 48), layout)
+
+
+# -- one validation point: layouts from user index tensors --------------------------------
+def _index(mask: torch.Tensor) -> list[torch.Tensor]:
+    return BlockSparseLayout.from_mask(mask, 16).index_tensors()
+
+
+_MASK = torch.tensor([[False, True, False, True], [False, False, False, False], [True, True, False, False]])
+
+
+def _swap(t: torch.Tensor, i: int, j: int) -> torch.Tensor:
+    t = t.clone()
+    t[[i, j]] = t[[j, i]]
+    return t
+
+
+@pytest.mark.parametrize(
+    "position, corrupt, match",
+    [
+        (1, lambda t: t.index_fill(0, torch.tensor([0]), 1000), r"col_indices must lie in \[0, 4\)"),
+        (1, lambda t: t.index_fill(0, torch.tensor([2]), -3), r"col_indices must lie in \[0, 4\)"),
+        (2, lambda t: t.index_fill(0, torch.tensor([0]), 7), r"row_indices must lie in \[0, 3\)"),
+        (1, lambda t: _swap(t, 0, 1), "col_indices is inconsistent"),  # row 0 unsorted
+        (1, lambda t: t.index_fill(0, torch.tensor([1]), 1), "distinct"),  # duplicate block (0, 1)
+        (0, lambda t: t.index_fill(0, torch.tensor([1]), 1), "row_offsets is inconsistent"),
+        (3, lambda t: t.index_fill(0, torch.tensor([4]), 3), "col_offsets is inconsistent"),
+        (4, lambda t: _swap(t, 0, 1), "bsc_row_indices is inconsistent"),
+        (5, lambda t: _swap(t, 0, 1), "bsc_perm is inconsistent"),
+        (5, lambda t: t.long(), "bsc_perm must be int32"),
+        (1, lambda t: t.float(), "col_indices must be int32"),
+        (4, lambda t: t[:-1], "bsc_row_indices must have 4 entries"),
+        (3, lambda t: t.to("meta"), "col_offsets must be on cpu"),
+    ],
+)
+def test_constructor_validates_user_index(position: int, corrupt, match: str) -> None:
+    """Before: the constructor wrapped any index as it was; only an explicit validate() checked it."""
+    idx = _index(_MASK)
+    idx[position] = corrupt(idx[position])
+    with pytest.raises(ValueError, match=match):
+        BlockSparseLayout((48, 64), 16, *idx)
+
+
+def test_constructor_makes_index_contiguous() -> None:
+    """Kernels read the index with unit stride: a strided view is copied, never passed on."""
+    idx = _index(_MASK)
+    strided = torch.stack([idx[1], idx[1]], 1)[:, 0]
+    assert not strided.is_contiguous()
+    layout = BlockSparseLayout((48, 64), 16, idx[0], strided, *idx[2:])
+    assert all(t.is_contiguous() for t in layout.index_tensors())
+    assert torch.equal(layout.to_mask(), _MASK)
+
+
+def test_good_user_index_and_pickle_round_trip() -> None:
+    idx = _index(_MASK)
+    layout = BlockSparseLayout((48, 64), 16, *idx)
+    assert torch.equal(layout.to_mask(), _MASK) and layout == BlockSparseLayout.from_mask(_MASK, 16)
+    assert pickle.loads(pickle.dumps(layout)) == layout
+    empty = BlockSparseLayout.from_mask(torch.zeros(2, 2, dtype=torch.bool), 16)
+    assert BlockSparseLayout((32, 32), 16, *empty.index_tensors()).nnz_blocks == 0
+
+
+def test_unpickling_a_corrupted_layout_is_refused() -> None:
+    """A layout read back from disk goes through the same validation."""
+    idx = _index(_MASK)
+    idx[1] = idx[1].index_fill(0, torch.tensor([0]), 1000)
+    blob = pickle.dumps((BlockSparseLayout, ((48, 64), 16, *idx)))
+    cls, args = pickle.loads(blob)
+    with pytest.raises(ValueError, match="col_indices must lie"):
+        cls(*args)
+
+
+def test_matrix_checks_values_dtype() -> None:
+    layout = BlockSparseLayout.from_mask(_MASK, 16)
+    with pytest.raises(TypeError, match="values must be a floating-point tensor"):
+        BlockSparseMatrix(torch.ones(4, 16, 16, dtype=torch.int32), layout)

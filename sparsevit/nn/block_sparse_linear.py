@@ -7,13 +7,14 @@ The forward pass is :func:`sparsevit.dds` ``(x, Wᵀ)``; its backward computes
 ``dx = dy W`` (dds) and ``dW = Σ dyᵀ x`` on the kept blocks only (sdd).
 
 The layout's index tensors are buffers, so they follow ``.to(device)`` and live in
-the ``state_dict``; loading a state dict with a different number of kept blocks
-resizes the weight and the index buffers.
+the ``state_dict``; loading a state dict adopts its layout (see the class docstring
+for what is checked and what a different number of kept blocks does).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -42,6 +43,26 @@ class BlockSparseLinear(nn.Module):
         block_size: 16, 32, 64 or 128 (taken from ``layout`` when given).
         bias: learn an additive bias.
         backend: backend of the products (None: automatic, see :mod:`sparsevit.backend`).
+
+    Loading a ``state_dict`` checks everything before it changes anything, so a refused
+    load leaves the module exactly as it was (``load_state_dict`` then raises its
+    RuntimeError, with a line naming the key and the problem).  Checked: every value is
+    a tensor; the six layout buffers come together, int32, and form a valid layout of
+    this module's ``(out_features, in_features)`` at its ``block_size`` (a layout of
+    another shape or block size is refused; see :meth:`BlockSparseLayout.validate`);
+    ``weight`` is floating-point ``(nnz, b, b)`` for that layout (a layout is never
+    loaded without its weight, and a weight alone must fit the current layout);
+    ``bias`` is floating-point ``(out_features,)``.  Missing and unexpected keys are
+    reported as ``nn.Module`` reports them (``strict`` is not passed down to modules,
+    so the consistent keys present still load before ``load_state_dict`` raises for
+    them, as in every torch module).  Values are copied in
+    place, converting dtype as ``nn.Linear`` does, so the ``weight`` Parameter object
+    stays the same and optimizers keep training it.  When the saved layout keeps a
+    different number of blocks the same Parameter is resized in place (its ``.grad``
+    dropped) and a UserWarning says so: optimizer state made for the old size (SGD
+    momentum, Adam moments) no longer fits, so load the optimizer's own state dict
+    afterwards, or rebuild the optimizer.  ``assign=True`` adopts the saved tensors
+    themselves, after the same checks.
     """
 
     def __init__(
@@ -92,8 +113,8 @@ class BlockSparseLinear(nn.Module):
 
     @property
     def layout(self) -> BlockSparseLayout:
-        """The current block layout (built from the index buffers)."""
-        return BlockSparseLayout(
+        """The current block layout (built from the index buffers, checked when they were set)."""
+        return BlockSparseLayout._trusted(
             (self.out_features, self.in_features), self.block_size, *(getattr(self, n) for n in _BUFFERS)
         )
 
@@ -163,15 +184,56 @@ class BlockSparseLinear(nn.Module):
 
     # -- state dict -------------------------------------------------------------------
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        """Adopt the saved layout: resize the weight and index buffers to the saved sizes."""
-        for name in _BUFFERS:
-            saved = state_dict.get(prefix + name)
-            if saved is not None and saved.shape != getattr(self, name).shape:
-                setattr(self, name, torch.empty_like(saved, device=getattr(self, name).device))
-        saved = state_dict.get(prefix + "weight")
-        if saved is not None and saved.shape != self.weight.shape:
-            self.weight = nn.Parameter(self.weight.new_empty(saved.shape))
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        """Check the saved weight, bias and layout completely, then adopt them in one step (class docstring)."""
+        for hook in self._load_state_dict_pre_hooks.values():  # as nn.Module does, before anything is read
+            hook(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        names = ("weight",) + (("bias",) if self.bias is not None else ()) + _BUFFERS
+        saved = {n: state_dict[prefix + n] for n in names if prefix + n in state_dict}
+        # Missing and unexpected keys follow nn.Module's contract (reported; load_state_dict
+        # raises for them when strict, which it does not pass down to modules).
+        missing_keys.extend(prefix + n for n in names if n not in saved)
+        unexpected_keys.extend(
+            k for k in state_dict
+            if k.startswith(prefix) and "." not in k[len(prefix):] and k[len(prefix):] not in names
+        )
+        errors = _check_saved(self, saved, prefix)
+        if errors:
+            error_msgs.extend(errors)
+            return
+        self._commit(saved, prefix, bool(local_metadata.get("assign_to_params_buffers", False)))
+
+    @torch.no_grad()
+    def _commit(self, saved: dict, prefix: str, assign: bool) -> None:
+        """Adopt checked tensors: every conversion first, then only assignments and in-place copies."""
+        if assign:
+            for name, t in saved.items():
+                if name in _BUFFERS:
+                    setattr(self, name, t.contiguous())
+                else:
+                    setattr(self, name, nn.Parameter(t, requires_grad=getattr(self, name).requires_grad))
+            return
+        ready = {}
+        for name, t in saved.items():
+            current = getattr(self, name)
+            ready[name] = t.to(device=current.device, dtype=current.dtype, copy=t.shape != current.shape)
+        if "weight" in ready and ready["weight"].shape != self.weight.shape:
+            old_nnz, new_nnz = self.weight.shape[0], ready["weight"].shape[0]
+            warnings.warn(
+                f"BlockSparseLinear {prefix.rstrip('.') or '(root)'!r} kept {old_nnz} blocks; the saved layout keeps "
+                f"{new_nnz}: its weight Parameter was resized in place, so optimizer state made for the old size "
+                "(momentum, Adam moments) no longer fits: load the optimizer's state dict after this, or rebuild "
+                "the optimizer",
+                UserWarning,
+                stacklevel=5,  # the caller of load_state_dict, for a root module
+            )
+            self.weight.grad = None
+            self.weight.data = ready.pop("weight")
+        for name, t in ready.items():
+            current = getattr(self, name)
+            if t.shape == current.shape:
+                current.copy_(t)
+            else:
+                setattr(self, name, t)
 
     def extra_repr(self) -> str:
         lay = self.layout
@@ -179,3 +241,60 @@ class BlockSparseLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, block_size={self.block_size}, "
             f"nnz_blocks={lay.nnz_blocks}, density={lay.density:.3f}, bias={self.bias is not None}"
         )
+
+
+def _check_saved(mod: BlockSparseLinear, saved: dict, prefix: str) -> list[str]:
+    """Every problem of the saved tensors for ``mod``, as error lines naming the key; [] when they fit."""
+    errors = []
+    for name, t in saved.items():
+        if not torch.overrides.is_tensor_like(t):
+            errors.append(f"{prefix}{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if errors:
+        return errors
+    b = mod.block_size
+    out_f, in_f = mod.out_features, mod.in_features
+    index = [n for n in _BUFFERS if n in saved]
+    nnz = mod.weight.shape[0]
+    weight = saved.get("weight")
+    if weight is not None and weight.dim() == 3 and weight.shape[1] == weight.shape[2] and weight.shape[1] != b:
+        return [
+            f"{prefix}weight: the saved layer has block size {weight.shape[1]}, this module has block_size={b}: "
+            "a layout of another block size cannot be loaded"
+        ]
+    if index:
+        if len(index) != len(_BUFFERS):
+            lacking = [prefix + n for n in _BUFFERS if n not in saved]
+            return [f"{prefix}{index[0]}: the six layout buffers load together, the state lacks {lacking}"]
+        if weight is None:
+            return [f"{prefix}row_offsets: a saved layout cannot be loaded without its weight ({prefix}weight)"]
+        rows, cols = saved["row_offsets"], saved["col_offsets"]
+        for key, t, dim, feats in (("row_offsets", rows, out_f, "out_features"), ("col_offsets", cols, in_f, "in_features")):
+            if t.dim() != 1 or t.numel() != dim // b + 1:
+                return [
+                    f"{prefix}{key}: the saved layout has {t.numel() - 1 if t.dim() == 1 else '?'} block "
+                    f"{'rows' if key == 'row_offsets' else 'columns'}, this module ({feats}={dim}, block_size={b}) "
+                    f"has {dim // b}: a layout of another shape cannot be loaded"
+                ]
+        dev = rows.device
+        try:
+            layout = BlockSparseLayout((out_f, in_f), b, *(saved[n].to(dev) for n in _BUFFERS))
+        except (TypeError, ValueError) as err:
+            msg = str(err)
+            culprit = min(_BUFFERS, key=lambda n: msg.find(n) if n in msg else len(msg))
+            return [f"{prefix}{culprit}: the saved layout is invalid: {msg}"]
+        nnz = layout.nnz_blocks
+    if weight is not None:
+        if not weight.is_floating_point():
+            errors.append(f"{prefix}weight must be a floating-point tensor, got {weight.dtype}")
+        elif tuple(weight.shape) != (nnz, b, b):
+            errors.append(
+                f"{prefix}weight: expected (nnz_blocks, b, b) = {(nnz, b, b)} for the "
+                f"{'saved' if index else 'current'} layout, got {tuple(weight.shape)}"
+            )
+    bias = saved.get("bias")
+    if bias is not None:
+        if not bias.is_floating_point():
+            errors.append(f"{prefix}bias must be a floating-point tensor, got {bias.dtype}")
+        elif tuple(bias.shape) != (out_f,):
+            errors.append(f"{prefix}bias: expected shape {(out_f,)}, got {tuple(bias.shape)}")
+    return errors

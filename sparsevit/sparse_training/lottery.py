@@ -172,11 +172,14 @@ class LotteryTicket:
         return save_ticket(path, self.masks(), meta)
 
     def load_masks(self, masks: Mapping[str, torch.Tensor]) -> None:
-        """Install given masks (e.g. from :func:`load_ticket`) and zero the masked weights."""
-        for name, layer in self.manager.layers.items():
-            if name not in masks:
-                raise ValueError(f"masks has no entry for layer {name!r}")
-            layer.mask = masks[name]
+        """Install given masks (e.g. from :func:`load_ticket`) and zero the masked weights.
+
+        ``masks`` must hold exactly the managed layers (unknown and missing names are a
+        ValueError listing the valid ones), each a bool mask of the layer's unit shape;
+        everything is checked before any mask or weight changes.
+        """
+        checked = self.manager.check_masks(masks)
+        self.manager._install_masks(checked)
         self.manager.apply_masks()
 
     def run(self, train: Callable[[nn.Module, "LotteryTicket"], Mapping[str, float]], rounds: int) -> list[dict]:
@@ -204,7 +207,23 @@ class LotteryTicket:
         }
 
     def load_state_dict(self, state: Mapping) -> None:
-        self.manager.load_state_dict(state["manager"])
+        """Restore masks, θ_k and the history; everything is checked first, a refused state changes nothing."""
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be a mapping from state_dict(), got {type(state).__name__}")
+        for key in ("manager", "rewind_state", "history"):
+            if key not in state:
+                raise ValueError(f"state lacks the key {key!r} (not a LotteryTicket.state_dict())")
         rs = state["rewind_state"]
-        self.rewind_state = None if rs is None else {k: v.clone() for k, v in rs.items()}
-        self.history = copy.deepcopy(list(state["history"]))
+        if rs is not None and not (
+            isinstance(rs, Mapping) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in rs.items())
+        ):
+            raise ValueError("state rewind_state must be None or a mapping name -> tensor (a model state_dict)")
+        history = state["history"]
+        if not isinstance(history, (list, tuple)) or not history or not all(isinstance(h, Mapping) for h in history):
+            raise ValueError("state history must be a non-empty list of per-round dicts")
+        checked = self.manager.check_state(state["manager"])
+        new_rewind = None if rs is None else {k: v.clone() for k, v in rs.items()}
+        new_history = copy.deepcopy(list(history))
+        self.manager._commit_state(checked)
+        self.rewind_state = new_rewind
+        self.history = new_history

@@ -64,7 +64,8 @@ def default_filter(name: str, module: nn.Module) -> bool:
     A module is skipped when any component of its dotted ``name`` is one of
     ``patch_embed``, ``stem``, ``conv_stem``, ``head``, ``classifier``, ``pre_logits``,
     or when it is a top-level ``fc`` (a ResNet classifier).  Norms, biases and
-    embeddings are never selected: only ``.weight`` of Linear/Conv2d is.
+    embeddings are never selected: only ``.weight`` of Linear/Conv2d is.  (With this
+    default, :class:`MaskManager` also leaves out frozen weights, see there.)
     """
     if not isinstance(module, (nn.Linear, nn.Conv2d)):
         return False
@@ -159,6 +160,27 @@ class MaskedWeight:
         """The mask expanded to the weight's shape (bool)."""
         return self._element
 
+    def check_mask(self, value: object) -> tuple[torch.Tensor, torch.Tensor]:
+        """Check a unit mask given from outside (a checkpoint, a ticket file) without installing it.
+
+        It must be a bool tensor of :attr:`unit_shape` whose bytes are all 0 or 1 (a
+        corrupted bool byte such as 0x7F reads as True but is not a valid mask).
+        Returns ``(unit mask, element mask)`` on the weight's device, ready for
+        :meth:`_install`; raises ValueError naming the layer.
+        """
+        if not isinstance(value, torch.Tensor) or value.dtype != torch.bool:
+            got = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"mask of layer {self.name!r} must be a bool tensor, got {got}")
+        if tuple(value.shape) != self.unit_shape:
+            raise ValueError(f"mask of layer {self.name!r} must have shape {self.unit_shape}, got {tuple(value.shape)}")
+        if value.numel() and bool((value.view(torch.uint8) > 1).any()):
+            raise ValueError(f"mask of layer {self.name!r} holds bytes other than 0/1 (a corrupted bool tensor)")
+        unit = value.to(device=self.weight.device).clone()
+        return unit, self.expand(unit)
+
+    def _install(self, checked: tuple[torch.Tensor, torch.Tensor]) -> None:
+        self._mask, self._element = checked
+
     def block_mask(self) -> torch.Tensor:
         """The ``(M/b, K/b)`` bool block mask (``True`` = block kept), for a block-sparse layout.
 
@@ -233,6 +255,14 @@ class MaskManager:
 
     Gradients of masked weights are zeroed by a tensor hook (before accumulation);
     :meth:`attach` adds an optimizer post-step hook that re-applies the masks.
+
+    Frozen weights (``requires_grad=False``) have no gradient to mask: with the
+    default filter they are left out (their names are in :attr:`skipped_frozen`, and
+    ``sparsity`` is spread over the trainable layers); a custom ``filter`` that picks
+    one is a ValueError naming the layer.
+
+    :meth:`load_state_dict` checks the whole state (layer names, shapes, bool masks
+    with bytes in {0, 1}, densities, generator) before it changes anything.
     """
 
     def __init__(
@@ -262,13 +292,23 @@ class MaskManager:
             raise TypeError(f"filter must be a callable (name, module) -> bool, got {type(filt).__name__}")
         self.model = model
         self.layers: dict[str, MaskedWeight] = {}
+        self.skipped_frozen: list[str] = []
         for name, module in model.named_modules():
             w = getattr(module, "weight", None)
             if isinstance(w, torch.Tensor) and w.dim() >= 2 and filt(name, module):
                 _check_not_sharded(name, w)
+                if not w.requires_grad:
+                    if filter is None:
+                        self.skipped_frozen.append(name)
+                        continue
+                    raise ValueError(
+                        f"filter selected layer {name!r}, whose weight is frozen (requires_grad=False): its "
+                        "gradient cannot be masked; unfreeze it or leave it out of filter"
+                    )
                 self.layers[name] = MaskedWeight(name, module, self.block_size)
         if not self.layers:
-            raise ValueError("filter selected no layer with a weight of 2 or more dims to sparsify in model")
+            frozen = f" (frozen, left out: {self.skipped_frozen})" if self.skipped_frozen else ""
+            raise ValueError(f"filter selected no layer with a trainable weight of 2 or more dims to sparsify in model{frozen}")
         self.densities = layer_densities({n: l.shape for n, l in self.layers.items()}, self.sparsity, distribution)
         self.targets = allocate_units({n: l.num_units for n, l in self.layers.items()}, self.densities)
         self.generator = torch.Generator().manual_seed(seed)
@@ -412,24 +452,75 @@ class MaskManager:
             "generator": self.generator.get_state(),
         }
 
-    def load_state_dict(self, state: Mapping) -> None:
-        """Restore masks and the generator; the layers and granularity must match."""
+    def check_masks(self, masks: object, what: str = "masks") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Check ``masks`` (``name -> unit mask``, one per managed layer) without installing them.
+
+        Raises ValueError naming unknown and missing layers (with the valid names) or
+        the first bad mask (see :meth:`MaskedWeight.check_mask`).  The result goes to
+        :meth:`_install_masks`.
+        """
+        if not isinstance(masks, Mapping):
+            raise ValueError(f"{what} must be a mapping name -> bool mask, got {type(masks).__name__}")
+        if set(masks) != set(self.layers):
+            raise ValueError(
+                f"{what} does not match this manager's layers: {self._name_mismatch(masks)}; "
+                f"valid names: {list(self.layers)}"
+            )
+        return {name: layer.check_mask(masks[name]) for name, layer in self.layers.items()}
+
+    def _install_masks(self, checked: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for name, layer in self.layers.items():
+            layer._install(checked[name])
+
+    def check_state(self, state: object) -> dict:
+        """Check a :meth:`state_dict` for this manager completely, changing nothing; ValueError on any problem."""
         if not isinstance(state, Mapping):
             raise TypeError(f"state must be a mapping from state_dict(), got {type(state).__name__}")
-        if state.get("granularity") != self.granularity or state.get("block_size") != self.block_size:
+        for key in ("granularity", "block_size", "densities", "masks", "generator"):
+            if key not in state:
+                raise ValueError(f"state lacks the key {key!r} (not a MaskManager.state_dict())")
+        if state["granularity"] != self.granularity or state["block_size"] != self.block_size:
             raise ValueError(
-                f"state has granularity {state.get('granularity')!r} / block_size {state.get('block_size')!r}, "
+                f"state has granularity {state['granularity']!r} / block_size {state['block_size']!r}, "
                 f"this manager {self.granularity!r} / {self.block_size!r}"
             )
-        masks = state["masks"]
-        if set(masks) != set(self.layers):
-            raise ValueError(f"state masks are for layers {sorted(masks)}, this manager has {sorted(self.layers)}")
-        for name, layer in self.layers.items():
-            layer.mask = masks[name]
-        self.densities = dict(state["densities"])
+        checked = self.check_masks(state["masks"], "state masks")
+        densities = state["densities"]
+        if not isinstance(densities, Mapping) or set(densities) != set(self.layers):
+            got = sorted(map(str, densities)) if isinstance(densities, Mapping) else type(densities).__name__
+            raise ValueError(f"state densities are for layers {got}, this manager has {sorted(self.layers)}")
+        for name, d in densities.items():
+            if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= float(d) <= 1.0:
+                raise ValueError(f"state densities[{name!r}] must be a float in [0, 1], got {d!r}")
+        gen = state["generator"]
+        try:
+            if not isinstance(gen, torch.Tensor) or gen.dtype != torch.uint8:
+                raise TypeError(f"expected a uint8 tensor, got {getattr(gen, 'dtype', type(gen).__name__)}")
+            torch.Generator().set_state(gen)  # a scratch generator: ours changes only on commit
+        except (TypeError, RuntimeError) as err:
+            raise ValueError(f"state generator state is invalid: {err}") from None
+        return {"masks": checked, "densities": {n: float(d) for n, d in densities.items()}, "generator": gen.clone()}
+
+    def _name_mismatch(self, masks: Mapping) -> str:
+        """``unknown layer(s) [...], no entry for layer(s) [...]`` for the names that differ."""
+        unknown = sorted(str(n) for n in masks if n not in self.layers)
+        missing = [n for n in self.layers if n not in masks]
+        return ", ".join(([f"unknown layer(s) {unknown}"] if unknown else []) + ([f"no entry for layer(s) {missing}"] if missing else []))
+
+    def _commit_state(self, checked: Mapping) -> None:
+        self._install_masks(checked["masks"])
+        self.densities = dict(checked["densities"])
         self.targets = {n: int(self.layers[n].mask.sum()) for n in self.layers}
-        self.generator.set_state(state["generator"])
+        self.generator.set_state(checked["generator"])
         self.apply_masks()
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore masks, densities and the generator; the layers and granularity must match.
+
+        Everything is checked first (:meth:`check_state`), so a refused state leaves
+        the manager and the weights as they were.
+        """
+        self._commit_state(self.check_state(state))
 
 
 def allocate_units(units: Mapping[str, int], densities: Mapping[str, float]) -> dict[str, int]:

@@ -30,11 +30,21 @@ so grown weights are exactly zero when ``step()`` returns.
 Distributed data parallel: dense gradients are all-reduced (mean) before they
 score growth, SET draws from a generator seeded identically on every rank, and
 new masks are broadcast from rank 0, so all ranks hold the same masks.
+
+Layers without a gradient: frozen weights are left out by the default filter
+(see :class:`~sparsevit.sparse_training.masks.MaskManager`).  A sparsified layer
+that received no gradient on an update step (not used in that forward pass) is
+scored with a zero gradient, the way SET scores every layer without one: it still
+drops its ``k`` smallest ``|W|`` and regrows ``k`` units (ties: lowest index first,
+the same on every rank), all at zero, and a UserWarning names it the first time.
+When no layer received a gradient, backward was not called: that is an error.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
+import warnings
 from typing import Mapping, Optional
 
 import torch
@@ -59,6 +69,12 @@ def _positive_int(name: str, value: object) -> int:
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
     return value
+
+
+def _state_int(name: str, value: object, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"state {name} must be an int >= {low}, got {value!r}")
+    return int(value)
 
 
 class DynamicSparseTraining:
@@ -111,6 +127,7 @@ class DynamicSparseTraining:
         self.optimizer = optimizer
         self.t = 0
         self.history: list[dict] = []
+        self._warned_no_grad: set[str] = set()
         self.manager.collect_dense_grads = self.needs_dense_grad()
 
     # --------------------------------------------------------------- schedule
@@ -132,6 +149,7 @@ class DynamicSparseTraining:
         self.t += 1
         updated = False
         if self.is_update_step(self.t):
+            self._check_dense_grads()
             self._update(self.drop_fraction(self.t))
             updated = True
         self.manager.dense_grads.clear()
@@ -143,12 +161,30 @@ class DynamicSparseTraining:
         if self.grow == "random":
             return torch.rand(layer.num_units, generator=self.manager.generator).to(layer.weight.device)
         grad = self.manager.dense_grads.get(name)
-        if grad is None:
+        if grad is None:  # unused in forward: a zero gradient (module docstring)
+            grad = torch.zeros_like(layer.weight, dtype=torch.float32)
+        return self.manager.all_reduce_mean(layer.pool(grad)).flatten()
+
+    def _check_dense_grads(self) -> None:
+        """Error when backward never ran; warn (once per layer) about layers without a gradient."""
+        if self.grow != "gradient":
+            return
+        missing = [n for n in self.manager.layers if n not in self.manager.dense_grads]
+        if len(missing) == len(self.manager.layers):
             raise RuntimeError(
-                f"no dense gradient was recorded for layer {name!r} on update step {self.t}: call backward() "
+                f"no dense gradient was recorded for any layer on update step {self.t}: call backward() "
                 "then step() exactly once per training step"
             )
-        return self.manager.all_reduce_mean(layer.pool(grad)).flatten()
+        new = [n for n in missing if n not in self._warned_no_grad]
+        if new:
+            self._warned_no_grad.update(new)
+            warnings.warn(
+                f"RigL: layer(s) {new} received no gradient on update step {self.t} (not used in forward?): "
+                "they are scored with a zero gradient, so they regrow their lowest-index free units at zero; "
+                "leave them out with filter if that is not wanted",
+                UserWarning,
+                stacklevel=3,
+            )
 
     @torch.no_grad()
     def _update(self, fraction: float) -> None:
@@ -201,17 +237,35 @@ class DynamicSparseTraining:
         }
 
     def load_state_dict(self, state: Mapping) -> None:
-        """Resume: the next decisions are exactly those of the uninterrupted run."""
+        """Resume: the next decisions are exactly those of the uninterrupted run.
+
+        The whole state is checked first (counters, schedule, history, and the
+        manager's masks via :meth:`MaskManager.check_state`); a refused state is a
+        ValueError (TypeError when it is no mapping) and changes nothing.
+        """
         if not isinstance(state, Mapping):
             raise TypeError(f"state must be a mapping from state_dict(), got {type(state).__name__}")
-        if state.get("grow") != self.grow:
-            raise ValueError(f"state is for grow={state.get('grow')!r}, this trainer has grow={self.grow!r}")
-        self.t = int(state["t"])
-        self.delta_t = int(state["delta_t"])
-        self.t_end = int(state["t_end"])
-        self.alpha = float(state["alpha"])
-        self.history = [dict(h) for h in state["history"]]
-        self.manager.load_state_dict(state["manager"])
+        for key in ("t", "grow", "delta_t", "t_end", "alpha", "history", "manager"):
+            if key not in state:
+                raise ValueError(f"state lacks the key {key!r} (not a {type(self).__name__}.state_dict())")
+        if state["grow"] != self.grow:
+            raise ValueError(f"state is for grow={state['grow']!r}, this trainer has grow={self.grow!r}")
+        t = _state_int("t", state["t"], 0)
+        delta_t = _state_int("delta_t", state["delta_t"], 1)
+        t_end = _state_int("t_end", state["t_end"], 0 if self.grow is None else 1)
+        alpha = state["alpha"]
+        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 <= float(alpha) <= 1.0:
+            raise ValueError(f"state alpha must be a float in [0, 1], got {alpha!r}")
+        history = state["history"]
+        if not isinstance(history, list) or not all(isinstance(h, Mapping) for h in history):
+            raise ValueError(f"state history must be a list of dicts, got {type(history).__name__}")
+        if not isinstance(state["manager"], Mapping):
+            raise ValueError(f"state manager must be a mapping from MaskManager.state_dict(), got {type(state['manager']).__name__}")
+        checked = self.manager.check_state(state["manager"])
+        # Commit: nothing below can fail on a checked state.
+        self.t, self.delta_t, self.t_end, self.alpha = t, delta_t, t_end, float(alpha)
+        self.history = [dict(h) for h in history]
+        self.manager._commit_state(checked)
         self.manager.dense_grads.clear()
         self.manager.collect_dense_grads = self.needs_dense_grad()
 

@@ -4,6 +4,7 @@ after every update, grown weights and their optimizer state zero, dense gradient
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -207,3 +208,83 @@ def test_dense_gradient_accumulates_over_micro_batches() -> None:
     mask = rigl.manager.layers[""].element_mask
     torch.testing.assert_close(rigl.manager.dense_grads[""], g1 + g2)
     torch.testing.assert_close(model.weight.grad, (g1 + g2) * mask)
+
+
+class _Frozen(nn.Module):
+    """Two Linears the default filter picks; ``frozen`` does not train."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frozen = nn.Linear(32, 32)
+        self.trained = nn.Linear(32, 16)
+        self.frozen.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.trained(torch.relu(self.frozen(x)))
+
+
+def test_frozen_layer_is_skipped_by_the_default_filter() -> None:
+    """Before: a raw 'cannot register a hook' RuntimeError naming no layer."""
+    model = _Frozen()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    rigl = RigL(model, opt, 0.5, delta_t=1, t_end=5, distribution="uniform")
+    assert list(rigl.manager.layers) == ["trained"] and rigl.manager.skipped_frozen == ["frozen"]
+    frozen_before = model.frozen.weight.detach().clone()
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.randn(4, 32)).square().sum().backward()
+        opt.step()
+        assert rigl.step()
+    assert torch.equal(model.frozen.weight, frozen_before)  # never masked, never touched
+
+
+def test_frozen_layer_chosen_by_a_filter_is_a_clear_error() -> None:
+    model = _Frozen()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"layer 'frozen'.*requires_grad=False"):
+        RigL(model, opt, 0.5, t_end=5, filter=lambda n, m: isinstance(m, nn.Linear))
+
+
+class _Unused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.used = nn.Linear(32, 32)
+        self.unused = nn.Linear(32, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.used(x)
+
+
+def test_layer_without_gradient_grows_with_zero_scores() -> None:
+    """Before: a misleading 'call backward() then step() exactly once' at the first update.
+
+    A layer that got no gradient (unused in forward) is scored with a zero gradient, as
+    SET would score it with random numbers: the update goes on, with a warning naming it.
+    """
+    model = _Unused()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rigl = RigL(model, opt, 0.5, delta_t=1, t_end=5, distribution="uniform")
+    targets = {n: rigl.manager.target_active(n) for n in rigl.manager.layers}
+    old_used = rigl.manager.layers["used"].mask.clone()
+    for step in range(2):
+        opt.zero_grad()
+        model(torch.randn(4, 32)).square().sum().backward()
+        opt.step()
+        if step == 0:
+            with pytest.warns(UserWarning, match=r"\['unused'\] received no gradient"):
+                assert rigl.step()
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # named once, not on every update
+                assert rigl.step()
+    for name, layer in rigl.manager.layers.items():
+        assert layer.active() == targets[name]
+        assert bool((layer.weight[~layer.element_mask] == 0).all())
+    assert not torch.equal(rigl.manager.layers["used"].mask, old_used)
+
+
+def test_no_gradient_at_all_is_still_an_error() -> None:
+    model = _Unused()
+    rigl = RigL(model, torch.optim.SGD(model.parameters(), lr=0.1), 0.5, delta_t=1, t_end=5)
+    with pytest.raises(RuntimeError, match=r"no dense gradient was recorded for any layer.*backward\(\)"):
+        rigl.step()
