@@ -6,7 +6,10 @@
 //
 // Gather and scatter are pure data movement, so they copy rows in the widest unit
 // (16, 8, 4 or 2 bytes) that the row length, strides and pointers allow; one warp
-// moves one row.  An index outside [0, N) never touches memory out of bounds: gather
+// moves one row.  Scatter expects distinct indices (the Python op resolves repeats,
+// last one wins, before calling): two warps writing one row could interleave units.
+// Scatter-add uses float atomics (run-dependent summation order); with
+// torch.use_deterministic_algorithms(True) the Python op does not call it.  An index outside [0, N) never touches memory out of bounds: gather
 // writes zeros for it, scatter and scatter-add skip it.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -102,12 +105,24 @@ void launch_move(const at::Tensor& in, const at::Tensor& index, at::Tensor& out,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// What every kernel here assumes of a token tensor `t` (B, ., C) and of `index` (B, K):
+// float32/float16/bfloat16 on one CUDA device, index int64 with t's batch size.
 void check_inputs(const at::Tensor& t, const char* name, const at::Tensor& index) {
   TORCH_CHECK(t.is_cuda(), "sparsevit: ", name, " must be a CUDA tensor");
   TORCH_CHECK(t.dim() == 3, "sparsevit: ", name, " must be (B, N, C), got ", t.sizes());
+  const auto dtype = t.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, "sparsevit: ", name,
+              " must be float32, float16 or bfloat16, got ", dtype);
   TORCH_CHECK(index.is_cuda() && index.device() == t.device(), "sparsevit: index must be on ", t.device());
-  TORCH_CHECK(index.scalar_type() == at::kLong, "sparsevit: index must be int64");
-  TORCH_CHECK(index.dim() == 2 && index.size(0) == t.size(0), "sparsevit: index must be (B, K)");
+  TORCH_CHECK(index.scalar_type() == at::kLong, "sparsevit: index must be int64, got ", index.scalar_type());
+  TORCH_CHECK(index.dim() == 2 && index.size(0) == t.size(0), "sparsevit: index must be (B, K) with B = ",
+              t.size(0), ", got ", index.sizes());
+}
+
+// The rows read at k < index.size(1) must exist in src (B, K, C).
+void check_rows_match(const at::Tensor& src, const at::Tensor& index) {
+  TORCH_CHECK(index.size(1) == src.size(1), "sparsevit: index must be (B, K) with K = src.size(1) = ", src.size(1),
+              ", got ", index.sizes());
 }
 
 // Dispatch a row copy on the widest unit allowed.  `a` is the tensor read with a
@@ -147,8 +162,10 @@ at::Tensor gather_tokens_cuda(const at::Tensor& x, const at::Tensor& index) {
 at::Tensor scatter_tokens_cuda(const at::Tensor& src, const at::Tensor& index, const at::Tensor& base) {
   check_inputs(src, "src", index);
   check_inputs(base, "base", index);
+  check_rows_match(src, index);
   TORCH_CHECK(base.scalar_type() == src.scalar_type(), "sparsevit: base and src must share a dtype");
-  TORCH_CHECK(index.size(1) == src.size(1), "sparsevit: index must be (B, K) with K = src.size(1)");
+  TORCH_CHECK(base.size(2) == src.size(2), "sparsevit: base (B, N, C) and src (B, K, C) must agree on C, got ",
+              base.sizes(), " and ", src.sizes());
   const c10::cuda::CUDAGuard guard(src.device());
   auto out = base.contiguous().clone();
   if (src.numel() == 0) return out;
@@ -160,7 +177,8 @@ at::Tensor scatter_tokens_cuda(const at::Tensor& src, const at::Tensor& index, c
 
 at::Tensor scatter_add_tokens_cuda(const at::Tensor& src, const at::Tensor& index, int64_t n) {
   check_inputs(src, "src", index);
-  TORCH_CHECK(n >= 0, "sparsevit: n must be >= 0");
+  check_rows_match(src, index);
+  TORCH_CHECK(n >= 0, "sparsevit: n must be >= 0, got ", n);
   const c10::cuda::CUDAGuard guard(src.device());
   const int64_t B = src.size(0), K = src.size(1), C = src.size(2);
   auto acc = at::zeros({B, n, C}, src.options().dtype(at::kFloat));

@@ -20,7 +20,8 @@ IEEE fp32 unless ``torch.backends.cuda.matmul.allow_tf32``; see ``_precision`` f
 interpreter's bf16) and take arbitrary
 strides, so transposed operands need no copy.  Configurations are autotuned per
 block size, dtype and problem size; under the Triton interpreter one small fixed
-configuration is used.
+configuration is used.  A batch larger than the grid's axis-1 limit
+(:data:`MAX_GRID_DIM`) is launched in chunks.
 """
 
 from __future__ import annotations
@@ -184,6 +185,8 @@ def _tuned_sdd(bs: int):
 
 _FIXED = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}  # the interpreter's one configuration
 
+MAX_GRID_DIM = 65535  # CUDA's limit on grid axes 1 and 2 (the rowlist batch axis)
+
 
 # ----------------------------------------------------------------------------------
 # Launchers
@@ -206,6 +209,18 @@ def rowlist_matmul(
     T, R, N = out.shape
     if out.numel() == 0:
         return out
+    # The batch runs on grid axis 1 (at most MAX_GRID_DIM programs): a larger batch is
+    # launched in chunks, on slices of x and out (views).
+    for start in range(0, T, MAX_GRID_DIM):
+        chunk = slice(start, min(T, start + MAX_GRID_DIM))
+        _launch_rowlist(values, offsets, indices, perm, transpose_blocks, x[chunk], out[chunk])
+    return out
+
+
+def _launch_rowlist(values, offsets, indices, perm, transpose_blocks: bool, x: torch.Tensor, out: torch.Tensor) -> None:
+    """One launch of the rowlist kernel for ``out (T, R, N)`` with ``T <= MAX_GRID_DIM``."""
+    bs = values.shape[-1]
+    T, _, N = out.shape
     num_row_blocks = offsets.numel() - 1
     s_vr, s_vc = (1, bs) if transpose_blocks else (bs, 1)
     args = (
@@ -224,7 +239,6 @@ def rowlist_matmul(
             return (num_row_blocks * (bs // meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), T)
 
         _tuned_rowlist(bs)[grid](*args, **consts)
-    return out
 
 
 def dsd(values, offsets, indices, perm, transpose_blocks: bool, b: torch.Tensor, rows: int) -> torch.Tensor:

@@ -11,7 +11,6 @@ B=256, N=197, C=384..1024 in bf16).
 from __future__ import annotations
 
 import functools
-import math
 from typing import Callable
 
 import torch
@@ -19,6 +18,7 @@ import torch
 import sparsevit
 from sparsevit import reference
 from sparsevit.backend import _backend_error
+from sparsevit.rounding import ceil_fraction
 
 from harness import Record, Runner, progress, rotating, rotation_count, time_ms
 
@@ -38,7 +38,7 @@ def _backends(runner: Runner) -> list[str]:
 def _make_set(b: int, n: int, c: int, dtype: torch.dtype, device: torch.device):
     x = torch.randn(b, n, c, device=device, dtype=dtype)
     scores = torch.randn(b, n - 1, device=device)
-    k = math.ceil(KEEP * (n - 1))
+    k = ceil_fraction(KEEP, n - 1)
     index = reference.select_index(scores, k, 1, "position")
     src = torch.randn(b, index.shape[1], c, device=device, dtype=dtype)
     return x, index, scores, src

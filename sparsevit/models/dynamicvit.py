@@ -17,7 +17,6 @@ Index 0 of the predictor output means "keep", as in the public implementation.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
@@ -29,6 +28,7 @@ from timm.models.vision_transformer import VisionTransformer
 from ..integrations.timm import patch_attention
 from ..nn.masked_attention import MaskedAttention
 from ..ops import select_tokens
+from ..rounding import ceil_fraction
 from .predictor import TokenPredictor
 from .vit_parts import check_vit, embed_tokens, head_from_tokens
 
@@ -58,7 +58,8 @@ class DynamicViT(nn.Module):
         vit: a timm VisionTransformer ('token' or 'avg' pooling, any prefix tokens, image
             and patch size). Its attention modules are swapped in place for
             :class:`MaskedAttention` (same parameters: dense weights still load).
-        keep_ratio: ρ in (0, 1]; stage s keeps ⌈ρ^s · N⌉ patch tokens.
+        keep_ratio: ρ in (0, 1]; stage s keeps ⌈ρ^s · N⌉ patch tokens (exact rational
+            rounding of the decimal written, :func:`sparsevit.rounding.ceil_fraction`).
         prune_at: 0-indexed blocks before which a predictor runs (strictly increasing,
             in [1, depth)); default the blocks at depth/4, depth/2, 3·depth/4.
         tau: Gumbel-softmax temperature in training.
@@ -163,7 +164,7 @@ class DynamicViT(nn.Module):
         kept, stage = [], 0
         for i, blk in enumerate(vit.blocks):
             if stage < len(self.prune_at) and i == self.prune_at[stage]:
-                count = min(x.shape[1] - p, math.ceil(self.keep_ratio ** (stage + 1) * n_patch))
+                count = min(x.shape[1] - p, ceil_fraction(self.keep_ratio, n_patch, stage + 1))
                 x, index = select_tokens(x, self._scores(stage, x), count, num_prefix=p)
                 positions = positions.gather(1, index)
                 kept.append(positions)

@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence, Union
 
 import torch
@@ -24,6 +23,7 @@ from timm.models.vision_transformer import VisionTransformer
 from ..integrations.timm import patch_attention
 from ..nn.masked_attention import MaskedAttention
 from ..ops import gather_tokens
+from ..rounding import ceil_fraction
 from .vit_parts import check_vit, embed_tokens, head_from_tokens
 
 __all__ = ["TicketSelector", "RandomPatchSelector", "PatchTicketViT", "patch_count"]
@@ -36,7 +36,7 @@ def patch_count(keep: Union[int, float], num_patches: int) -> int:
     if isinstance(keep, float):
         if not 0.0 < keep <= 1.0:
             raise ValueError(f"keep as a ratio must lie in (0, 1], got {keep}")
-        return max(1, math.ceil(keep * num_patches))
+        return max(1, ceil_fraction(keep, num_patches))
     if not 1 <= keep <= num_patches:
         raise ValueError(f"keep must lie in [1, {num_patches}] patches, got {keep}")
     return keep

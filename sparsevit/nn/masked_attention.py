@@ -12,19 +12,27 @@ dense checkpoints load with ``strict=True``).  It adds, after Rao et al., Dynami
   methods (EViT; data-level tickets, Shen et al. 2023) need and SDPA cannot return.
 
 With no mask the forward is timm's own (PyTorch SDPA when timm's ``fused_attn`` is
-on), so a swapped model is never slower and gives the same logits.
+on), so a swapped model is never slower and gives the same logits.  With attention
+dropout in training the probabilities are needed, so the masked path is then
+:func:`sparsevit.masked_softmax`, dropout, and the product with V; when
+``SPARSEVIT_BACKEND`` names a backend that ``masked_softmax`` lacks (``triton``: the
+fused kernel never forms the probabilities), that call takes ``masked_softmax``'s
+automatic choice instead of failing (an explicit choice for ``masked_attention`` is
+still honoured by the fused path).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 from timm.layers import Attention
 
+from ..backend import BACKENDS, ENV_VAR
 from ..ops import masked_attention, masked_softmax
-from ..ops.masked_softmax import check_eps
+from ..ops.masked_softmax import MASKED_SOFTMAX_SUPPORT, check_eps
 
 __all__ = ["MaskedAttention", "cls_attention_row"]
 
@@ -36,16 +44,35 @@ def cls_attention_row(
 
     ``Ã_0j = (exp(P_0j − m_0) G_0j + eps/N) / (Σ_k exp(P_0k − m_0) G_0k + eps)`` with
     ``P_0j = q_0 · k_j · scale``, ``G_00 = 1``, ``G_0j = keep_j`` (``keep=None``: softmax).
-    O(N) per head; differentiable in q, k and a float ``keep``.
+    O(N) per head; differentiable in q, k and a float ``keep``, through ``m_0`` too
+    (``torch.max``, as the public implementation).  A negative or non-finite
+    ``keep_j`` gives NaN, as in :func:`sparsevit.masked_softmax`.
     """
     scores = torch.matmul(q[:, :, :1].float(), k.float().transpose(-2, -1)).squeeze(2) * scale
     if keep is None:
         return scores.softmax(-1)
     n = scores.shape[-1]
-    gate = keep.to(torch.float32).unsqueeze(1)
-    gate = torch.cat([torch.ones_like(gate[..., :1]), gate[..., 1:]], dim=-1)
-    w = (scores - scores.amax(-1, keepdim=True).detach()).exp() * gate
+    gate = keep.to(torch.float32)
+    gate = torch.where((gate >= 0) & (gate < float("inf")), gate, torch.full_like(gate, float("nan")))
+    gate = torch.cat([1.0 + 0.0 * gate[..., :1], gate[..., 1:]], dim=-1).unsqueeze(1)
+    w = (scores - torch.max(scores, dim=-1, keepdim=True)[0]).exp() * gate
     return (w + eps / n) / (w.sum(-1, keepdim=True) + eps)
+
+
+def _softmax_backend(scores: torch.Tensor) -> Optional[str]:
+    """The backend for the module's own ``masked_softmax`` call (attention dropout).
+
+    None (the op's usual choice), unless ``SPARSEVIT_BACKEND`` names a backend that
+    ``masked_softmax`` has no kernel for: then its automatic choice for ``scores``.
+    """
+    env = os.environ.get(ENV_VAR, "").strip().lower()
+    if env not in BACKENDS or env in MASKED_SOFTMAX_SUPPORT.backends:
+        return None
+    device = scores.device.type
+    for name in MASKED_SOFTMAX_SUPPORT.preference.get(device, ("torch",)):
+        if MASKED_SOFTMAX_SUPPORT.reject_reason(name, [scores], scores.dtype, device) is None:
+            return name
+    return "torch"
 
 
 class MaskedAttention(Attention):
@@ -116,7 +143,8 @@ class MaskedAttention(Attention):
         if keep is None:
             out = self._dense(q, k, v, attn_mask, is_causal, dropout)
         elif dropout > 0:
-            attn = masked_softmax(torch.matmul(q, k.transpose(-2, -1)) * self.scale, keep, self.eps)
+            scores = torch.matmul(q, k.transpose(-2, -1)) * self.scale
+            attn = masked_softmax(scores, keep, self.eps, backend=_softmax_backend(scores))
             out = torch.matmul(self.attn_drop(attn), v)
         else:
             out = masked_attention(q, k, v, keep, scale=self.scale, eps=self.eps)

@@ -20,10 +20,17 @@ index) never copy.  Each product is a ``torch.library`` custom op
 (``torch.ops.sparsevit.dds`` / ``dsd`` / ``sdd``) with a fake kernel and registered
 autograd, on the ``cuda``, ``triton`` and ``torch`` backends.  The layout enters each
 op as its list of index tensors (see :meth:`BlockSparseLayout.index_tensors`).
+
+Inside a ``torch.autocast`` region the public products cast their operands to the
+region's dtype first, as autocast does for ``torch.matmul`` (:func:`autocast_operands`),
+so mixed fp32/bf16 operands there are no error and the result has the autocast dtype.
+Empty dims (no tokens, a zero-length contraction, zero columns) give empty or zero
+results on every backend.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -34,7 +41,7 @@ from ..block_sparse import BlockSparseMatrix
 from ..layout import BlockSparseLayout
 from .validation import check_float, check_same_device
 
-__all__ = ["dds", "dsd", "sdd", "BLOCK_SPARSE_SUPPORT"]
+__all__ = ["dds", "dsd", "sdd", "autocast_operands", "BLOCK_SPARSE_SUPPORT"]
 
 BLOCK_SPARSE_SUPPORT = OpSupport(
     op="block_sparse_matmul",
@@ -61,12 +68,20 @@ def _row_lists(index: list[torch.Tensor], transposed: bool):
     return index[_ROW_OFFSETS], index[_COL_INDICES], None, False
 
 
+def _batch_3d(t: torch.Tensor) -> torch.Tensor:
+    """``(..., P, Q)`` as ``(T, P, Q)`` with ``T`` the product of the leading dims.
+
+    Sizes are explicit: with a zero-size dim a -1 in ``reshape`` would be ambiguous.
+    """
+    return t.reshape(math.prod(t.shape[:-2]), t.shape[-2], t.shape[-1])
+
+
 def _rows_3d(t: torch.Tensor) -> torch.Tensor:
     """``(..., P, Q)`` as ``(T, P', Q)``: the batch folded into the rows where that is a view."""
     try:
-        return t.view(1, -1, t.shape[-1])
+        return t.view(1, math.prod(t.shape[:-1]), t.shape[-1])
     except RuntimeError:
-        return t.reshape(-1, t.shape[-2], t.shape[-1])
+        return _batch_3d(t)
 
 
 def _triton():
@@ -99,7 +114,7 @@ def _dsd_impl(values: torch.Tensor, index: list[torch.Tensor], b: torch.Tensor, 
     rows = k if transposed else m
     if backend == "torch":
         return reference.dsd(values, index[_ROW_INDICES], index[_COL_INDICES], (m, k), b, transposed).contiguous()
-    b3 = b.reshape(-1, b.shape[-2], b.shape[-1])
+    b3 = _batch_3d(b)
     lists = _row_lists(index, transposed)
     if backend == "cuda":
         out = torch.ops.sparsevit.dsd_cuda(values.contiguous(), *lists, b3, rows)
@@ -112,8 +127,7 @@ def _sdd_impl(a: torch.Tensor, b: torch.Tensor, index: list[torch.Tensor], block
     rows, cols = index[_ROW_INDICES], index[_COL_INDICES]
     if backend == "torch":
         return reference.sdd(a, b, rows, cols, block_size).contiguous()
-    a3 = a.reshape(-1, a.shape[-2], a.shape[-1])
-    b3 = b.reshape(-1, b.shape[-2], b.shape[-1])
+    a3, b3 = _batch_3d(a), _batch_3d(b)
     if backend == "cuda":
         return torch.ops.sparsevit.sdd_cuda(a3, b3, rows, cols, block_size)
     return _triton().sdd(a3, b3, rows, cols, block_size)
@@ -223,6 +237,24 @@ _sdd_op.register_autograd(_sdd_backward, setup_context=_sdd_setup)
 # ----------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------
+def autocast_operands(device: torch.device, *tensors: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], ...]:
+    """The operands of a product as ``torch.autocast`` would give them to ``torch.matmul``.
+
+    Inside an autocast region for ``device``'s type, every floating tensor is cast to
+    the region's dtype (``torch.get_autocast_dtype``), as autocast does for
+    ``matmul``/``linear`` (on its lower-precision list); otherwise, and for ``None``
+    entries, the tensors are returned unchanged.  The casts are differentiable, so
+    fp32 leaves get fp32 gradients.  Modules add their bias after the product, so a
+    bias goes through here too to keep the output in the autocast dtype, as
+    ``nn.Linear`` does.
+    """
+    kind = device.type
+    if not (torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)):
+        return tensors
+    dtype = torch.get_autocast_dtype(kind)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+
+
 def _check_dense(name: str, t: object, dims: str) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor {dims}, got {type(t).__name__}")
@@ -263,6 +295,8 @@ def dds(a: torch.Tensor, b: BlockSparseMatrix, *, backend: Optional[str] = None)
     """
     a = _check_dense("a", a, "(..., P, Q)")
     b = _check_sparse("b", b)
+    a, values = autocast_operands(a.device, a, b.values)
+    b = BlockSparseMatrix(values, b.layout, b.transposed) if values is not b.values else b
     _check_pair("a", a, "b", b)
     if a.shape[-1] != b.shape[0]:
         raise ValueError(f"a (..., P, Q) and b (Q, N) must agree on Q: a.shape[-1]={a.shape[-1]}, b.shape={b.shape}")
@@ -284,6 +318,8 @@ def dsd(a: BlockSparseMatrix, b: torch.Tensor, *, backend: Optional[str] = None)
     """
     a = _check_sparse("a", a)
     b = _check_dense("b", b, "(..., Q, N)")
+    b, values = autocast_operands(b.device, b, a.values)
+    a = BlockSparseMatrix(values, a.layout, a.transposed) if values is not a.values else a
     _check_pair("b", b, "a", a)
     if b.shape[-2] != a.shape[1]:
         raise ValueError(f"a (M, Q) and b (..., Q, N) must agree on Q: a.shape={a.shape}, b.shape[-2]={b.shape[-2]}")
@@ -314,6 +350,7 @@ def sdd(a: torch.Tensor, b: torch.Tensor, layout: BlockSparseLayout, *, backend:
     if not isinstance(layout, BlockSparseLayout):
         raise TypeError(f"layout must be a BlockSparseLayout, got {type(layout).__name__}")
     check_same_device([("a", a), ("b", b)])
+    a, b = autocast_operands(a.device, a, b)
     if layout.device != a.device:
         raise ValueError(f"layout must be on the same device as a ({a.device}), got {layout.device}")
     if a.dtype != b.dtype:

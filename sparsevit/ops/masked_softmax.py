@@ -7,9 +7,16 @@ with scores ``P (B, H, N, N)``, ``m_i = max_j P_ij`` over all keys and ``G_ij = 
     Ã_ij = (exp(P_ij − m_i) G_ij + eps/N) / (Σ_k exp(P_ik − m_i) G_ik + eps).
 
 This is the unfused op, for when the probabilities themselves are wanted
-(visualisation, class-token attention for token ranking).  The fused attention is
-:func:`sparsevit.masked_attention`.  Backends: ``cuda`` (``csrc/masked_softmax.cu``,
-one warp per row) and ``torch`` (:mod:`sparsevit.reference`).
+(visualisation, class-token attention for token ranking, attention dropout).  The
+fused attention is :func:`sparsevit.masked_attention`.  Backends: ``cuda``
+(``csrc/masked_softmax.cu``, one warp per row) and ``torch`` (:mod:`sparsevit.reference`).
+
+Both evaluate Ã relative to the largest weight of each row: with the weighted max
+``m^w_i = max_j (P_ij + log G_ij)`` they keep ``m^w_i`` and the log-denominator at that
+scale, ``λ_i = log(Σ_j exp(P_ij + log G_ij − m^w_i) + eps·exp(m_i − m^w_i))``, so no
+exponential leaves float32's range whatever the dropped keys do (the closed forms are
+in :mod:`sparsevit.reference`).  The backward is the exact gradient of the formula,
+through ``m_i`` included (see :func:`masked_softmax`).
 """
 
 from __future__ import annotations
@@ -38,6 +45,8 @@ def check_keep(keep: object, b: int, n: int, like: torch.Tensor, like_name: str)
     """``keep`` must be None or a (B, N) bool or float tensor on the device of ``like``.
 
     Returns None or a float tensor (bool becomes a float32 tensor without gradient).
+    The values are not inspected (that would cost a device sync): a negative or
+    non-finite entry makes the op's output NaN for that batch element.
     """
     if keep is None:
         return None
@@ -67,26 +76,33 @@ def check_eps(eps: object) -> float:
 def softmax_fwd_impl(
     scores: torch.Tensor, keep: Optional[torch.Tensor], eps: float, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(Ã dtype of scores, m fp32, S fp32)`` on ``backend`` (``cuda`` or ``torch``)."""
+    """``(Ã dtype of scores, m^w fp32, λ fp32)`` on ``backend`` (``cuda`` or ``torch``).
+
+    The row statistics (B, H, N) of :func:`sparsevit.reference.masked_softmax_stats`.
+    """
     if backend == "cuda":
         return torch.ops.sparsevit.masked_softmax_cuda(scores, keep, eps)
-    probs, m, s = reference.masked_softmax_stats(scores, keep, eps)
-    return probs.to(scores.dtype), m, s
+    probs, mw, lam = reference.masked_softmax_stats(scores, keep, eps)
+    return probs.to(scores.dtype), mw, lam
 
 
 def softmax_bwd_impl(
     grad: torch.Tensor,
     scores: torch.Tensor,
     keep: Optional[torch.Tensor],
-    m: torch.Tensor,
-    s: torch.Tensor,
+    mw: torch.Tensor,
+    lam: torch.Tensor,
     eps: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dP float32, dkeep (B, N) float32)`` on ``backend``."""
+    """``(dP float32, dkeep (B, N) float32)`` on ``backend``, the gradient through the row max included.
+
+    ``mw, lam`` are the forward's statistics; the row max, its first index and ``ρ``
+    are found again while the row is read.
+    """
     if backend == "cuda":
-        return torch.ops.sparsevit.masked_softmax_backward_cuda(grad, scores, keep, m, s, eps)
-    return reference.masked_softmax_grads(grad, scores, keep, m, s, eps)
+        return torch.ops.sparsevit.masked_softmax_backward_cuda(grad, scores, keep, mw, lam, eps)
+    return reference.masked_softmax_grads(grad, scores, keep, mw, lam, eps)
 
 
 # ----------------------------------------------------------------------------------
@@ -114,32 +130,32 @@ def _bwd_op(
     grad: torch.Tensor,
     scores: torch.Tensor,
     keep: Optional[torch.Tensor],
-    m: torch.Tensor,
-    s: torch.Tensor,
+    mw: torch.Tensor,
+    lam: torch.Tensor,
     eps: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    dp, dkeep = softmax_bwd_impl(grad, scores, keep, m, s, eps, backend)
+    dp, dkeep = softmax_bwd_impl(grad, scores, keep, mw, lam, eps, backend)
     return dp.to(scores.dtype), dkeep
 
 
 @_bwd_op.register_fake
-def _(grad, scores, keep, m, s, eps, backend):
+def _(grad, scores, keep, mw, lam, eps, backend):
     return scores.new_empty(scores.shape), scores.new_empty((scores.shape[0], scores.shape[-1]), dtype=torch.float32)
 
 
 def _setup(ctx, inputs, output) -> None:
     scores, keep, eps, backend = inputs
-    _, m, s = output
-    ctx.save_for_backward(scores, keep, m, s)
+    _, mw, lam = output
+    ctx.save_for_backward(scores, keep, mw, lam)
     ctx.eps = eps
     ctx.backend = backend
-    ctx.mark_non_differentiable(m, s)
+    ctx.mark_non_differentiable(mw, lam)
 
 
-def _backward(ctx, grad, grad_m, grad_s):
-    scores, keep, m, s = ctx.saved_tensors
-    dscores, dkeep = _bwd_op(grad, scores, keep, m, s, ctx.eps, ctx.backend)
+def _backward(ctx, grad, *unused):
+    scores, keep, mw, lam = ctx.saved_tensors
+    dscores, dkeep = _bwd_op(grad, scores, keep, mw, lam, ctx.eps, ctx.backend)
     dkeep = dkeep.to(keep.dtype) if keep is not None and ctx.needs_input_grad[1] else None
     return dscores, dkeep, None, None
 
@@ -165,18 +181,22 @@ def masked_softmax(
     diagonal is always kept); ``eps=0`` is the exact masked softmax.
 
     Args:
-        scores: (B, H, N, N) float32/float16/bfloat16 (any strides).
-        keep: (B, N) float in [0, 1] (receives a gradient) or bool (none), or None for
-            the ordinary softmax (the eps terms are then dropped).
+        scores: (B, H, N, N) float32/float16/bfloat16 (any strides; N may be 0).
+        keep: (B, N) float >= 0 (DynamicViT's are in [0, 1]; receives a gradient) or
+            bool (none), or None for the ordinary softmax (the eps terms are then
+            dropped).  Not inspected: a negative, NaN or infinite ``keep_j`` makes every
+            row of batch element b NaN, on every backend (as the public formula does
+            for a non-finite one).
         eps: the stabiliser, >= 0 (DynamicViT uses 1e-6).
         backend: ``"cuda"``, ``"torch"`` or None (``SPARSEVIT_BACKEND``, else the fastest).
 
     Returns:
-        (B, H, N, N) probabilities in the dtype of ``scores``.  In the backward the
-        row max is a constant (the public implementation differentiates through it;
-        the difference is of order eps): with ``Δ_i = Σ_j dÃ_ij Ã_ij``,
-        ``dP_ij = exp(P_ij − m_i) G_ij (dÃ_ij − Δ_i) / S_i`` and
-        ``dkeep_j = Σ_{h, i ≠ j} exp(P_ij − m_i) (dÃ_ij − Δ_i) / S_i``.
+        (B, H, N, N) probabilities in the dtype of ``scores``.  The backward is the
+        exact gradient of the formula, as the public implementation's autograd
+        computes it (through ``m_i``, to the first maximal key ``j*_i``): with
+        ``S_i`` the denominator, ``ρ_i = eps / S_i`` and ``Δ_i = Σ_j dÃ_ij Ã_ij``,
+        ``dP_ij = exp(P_ij − m_i) G_ij (dÃ_ij − Δ_i) / S_i + [j = j*_i] ρ_i (mean_j dÃ_ij − Δ_i)``
+        and ``dkeep_j = Σ_{h, i ≠ j} exp(P_ij − m_i) (dÃ_ij − Δ_i) / S_i``.
     """
     scores = check_tensor("scores", scores, 4, "(B, H, N, N)")
     check_float("scores", scores)

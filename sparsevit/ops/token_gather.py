@@ -7,8 +7,11 @@ listed by ``index (B, K)`` and run later blocks on ``(B, K, C)``.
 * :func:`gather_tokens`       ``out[b, k] = x[b, index[b, k]]``; its gradient is
   :func:`scatter_add_tokens`.
 * :func:`scatter_tokens`      the inverse placement into a ``(B, N, C)`` map (a fill
-  value or a given ``base``); its gradient gathers.
+  value or a given ``base``); its gradient gathers.  A repeated index (allowed with
+  ``check_index=False``) takes its last row, on every backend.
 * :func:`scatter_add_tokens`  ``out[b, i] = Σ_{k: index[b, k] = i} src[b, k]`` (float32 sums).
+  With ``torch.use_deterministic_algorithms(True)`` the sums (and the gradient of
+  :func:`gather_tokens`) avoid float atomics and are bitwise reproducible.
 * :func:`select_tokens`       prefix tokens plus the top-``keep`` scored others.
 
 Each op is a ``torch.library`` custom op (``torch.ops.sparsevit.gather_tokens`` ...)
@@ -19,13 +22,13 @@ traces through it.  The backend (``cuda``, ``triton``, ``torch``) is chosen by
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 
 from .. import reference
 from ..backend import OpSupport, Support, choose_backend
+from ..rounding import ceil_fraction
 from . import token_gather_torch
 from .validation import (
     check_float,
@@ -75,6 +78,12 @@ def _scatter_impl(src: torch.Tensor, index: torch.Tensor, base: torch.Tensor, ba
 
 
 def _scatter_add_impl(src: torch.Tensor, index: torch.Tensor, n: int, backend: str) -> torch.Tensor:
+    if backend != "torch" and torch.are_deterministic_algorithms_enabled():
+        # The float atomics of the cuda/triton kernels sum in a run-dependent order.
+        if backend == "triton":
+            return _triton().scatter_add_tokens_deterministic(src, index, n).to(src.dtype)
+        # index_add_ is deterministic on CUDA in this mode (PyTorch's documented list).
+        return token_gather_torch.scatter_add_tokens(src, index, n)
     if backend == "cuda":
         return torch.ops.sparsevit.scatter_add_tokens_cuda(src, index, n)
     if backend == "triton":
@@ -218,18 +227,22 @@ def scatter_tokens(
 
     Args:
         src: (B, K, C) float32/float16/bfloat16.
-        index: (B, K) integer, entries in ``[0, N)`` and distinct within a row.
+        index: (B, K) integer, entries in ``[0, N)`` and distinct within a row (both
+            checked unless ``check_index=False``).
         n: number of tokens N of the output (required unless ``base`` is given).
         fill: value of the rows not in ``index`` when no ``base`` is given.
         base: optional (B, N, C) tensor supplying the other rows (gets gradient there).
         check_index: verify range and distinctness (one device sync). With ``False``
-            an out-of-range entry is skipped and, for repeated entries, one of the
-            rows wins (which one is unspecified).
+            an out-of-range entry is skipped and a repeated entry is allowed: the last
+            one wins, ``out[b, i] = src[b, k*]`` with ``k* = max{k : index[b, k] = i}``,
+            deterministically on every backend (the repeats are resolved before the
+            kernel runs, so no two writers race).
         backend: as in :func:`gather_tokens`.
 
     Returns:
-        (B, N, C) contiguous.  Gradients: ``dsrc = gather_tokens(dout, index)``,
-        ``dbase = dout`` with the rows in ``index`` zeroed.
+        (B, N, C) contiguous.  Gradients: ``dsrc = gather_tokens(dout, index)`` for the
+        rows that win (zero for overwritten and skipped rows), ``dbase = dout`` with
+        the rows in ``index`` zeroed.
     """
     src = check_tensor("src", src, 3, "(B, K, C)")
     check_float("src", src)
@@ -257,6 +270,8 @@ def scatter_tokens(
     if check_index:
         check_index_range("index", index, base.shape[1], "N")
         _check_distinct(index)
+    else:
+        index = _last_wins(index, base.shape[1])
     name = choose_backend(TOKEN_SUPPORT, [src, index], backend)
     return _scatter_op(src, index, base, name)
 
@@ -266,6 +281,22 @@ def _check_distinct(index: torch.Tensor) -> None:
         return
     ordered = torch.sort(index, dim=1).values
     data_check(~(ordered[:, 1:] == ordered[:, :-1]).any(), "index entries must be distinct within each row")
+
+
+def _last_wins(index: torch.Tensor, n: int) -> torch.Tensor:
+    """``index`` with every entry overwritten by a later equal one set to -1 (skipped).
+
+    A stable sort groups equal entries in ascending ``k``; the last of each group wins.
+    Out-of-range entries are skipped by every backend whether or not they are kept.
+    """
+    if index.shape[1] < 2:
+        return index
+    key = torch.where((index >= 0) & (index < n), index, -1)
+    order = torch.argsort(key, dim=1, stable=True)
+    ordered = key.gather(1, order)
+    last = torch.cat([ordered[:, 1:] != ordered[:, :-1], torch.ones_like(ordered[:, :1], dtype=torch.bool)], dim=1)
+    wins = torch.empty_like(last).scatter_(1, order, last)
+    return torch.where(wins, index, -1)
 
 
 def scatter_add_tokens(
@@ -279,7 +310,12 @@ def scatter_add_tokens(
     """Sum token rows into a zero map: ``out[b, i, :] = Σ_{k : index[b, k] = i} src[b, k, :]``.
 
     The sums run in float32 and are cast to ``src.dtype``.  This is the adjoint (the
-    gradient) of :func:`gather_tokens`; repeated indices add up.
+    gradient) of :func:`gather_tokens`; repeated indices add up.  On the ``cuda`` and
+    ``triton`` backends the sums use float atomics (the order, hence the last bits,
+    varies between runs) unless ``torch.are_deterministic_algorithms_enabled()``: then
+    ``triton`` runs a sort-based segment sum (ascending ``k``, the reference's order)
+    and ``cuda`` PyTorch's ``index_add_`` (deterministic in that mode), so the result
+    is bitwise reproducible.  The same holds for the gradient of :func:`gather_tokens`.
 
     Args:
         src: (B, K, C) float32/float16/bfloat16.
@@ -326,7 +362,9 @@ def select_tokens(
             prefix entries are then ignored).  Higher is kept.  No gradient flows to
             ``scores`` (the choice is discrete).
         keep: number of non-prefix tokens to keep (int in ``[0, M]``), or a fraction
-            in ``(0, 1]`` giving ``ceil(keep · M)`` (DynamicViT's ⌈ρ·N⌉).
+            in ``(0, 1]`` giving ``⌈keep · M⌉`` (DynamicViT's ⌈ρ·N⌉), rounded exactly on
+            the decimal written (``0.28`` of 25 keeps 7; see
+            :func:`sparsevit.rounding.ceil_fraction`).
         num_prefix: leading tokens always kept.
         order: ``"position"`` (default): kept tokens in ascending position, friendly
             to positional logic; ``"score"``: descending score, as in DynamicViT.
@@ -365,7 +403,7 @@ def _keep_count(keep: object, m: int) -> int:
     if isinstance(keep, float):
         if not 0.0 < keep <= 1.0:
             raise ValueError(f"keep as a fraction must lie in (0, 1], got {keep}")
-        return min(m, math.ceil(keep * m))
+        return min(m, ceil_fraction(keep, m))
     if not 0 <= keep <= m:
         raise ValueError(f"keep must lie in [0, {m}] (tokens available after the prefix), got {keep}")
     return keep

@@ -6,7 +6,8 @@ may use in-place updates and boolean selection instead and touch only the K rows
 
 * gather:      ``out = x.view(B·N, C)[b·N + index]``, rows with an index outside
   ``[0, N)`` zeroed;
-* scatter:     ``out = base``; ``out.view(B·N, C)[b·N + index] = src`` for valid indices;
+* scatter:     ``out = base``; ``out.view(B·N, C)[b·N + index] = src`` for valid indices
+  (distinct: the op resolves repeats, last one wins, before calling);
 * scatter-add: float32 ``index_add`` of the valid rows, cast to ``src.dtype``.
 """
 

@@ -26,6 +26,7 @@ from .. import reference
 from ..block_sparse import BlockSparseMatrix
 from ..layout import BlockSparseLayout
 from ..ops import dds
+from ..ops.block_sparse_matmul import autocast_operands
 from .block_sparse import BlockSparseReport
 from .masks import MaskedWeight, MaskManager
 
@@ -53,12 +54,24 @@ class BlockSparseTrainedLinear(nn.Linear):
         return self._sparsevit_cache[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``y = x Wᵀ + b`` as ``nn.Linear``: x (..., in_features) or (in_features,).
+
+        Under ``torch.autocast`` the input, weight and bias are cast to the autocast
+        dtype first, as autocast does for ``F.linear``, so the output has that dtype
+        (also for an fp32 input) and the fp32 weight gets an fp32 gradient.
+        """
         if self._sparsevit_manager.collect_dense_grads and torch.is_grad_enabled():
             return F.linear(x, self.weight, self.bias)
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            raise ValueError(f"x must be a tensor (..., {self.in_features}) or ({self.in_features},), got {x!r}")
+        a = x if x.dim() >= 2 else x.unsqueeze(0)  # nn.Linear takes a single vector too
+        a, weight, bias = autocast_operands(a.device, a, self.weight, self.bias)
         layout = self.current_layout()
-        values = reference.dense_to_block_sparse(self.weight, layout.row_indices, layout.col_indices, layout.block_size)
-        y = dds(x, BlockSparseMatrix(values, layout).t(), backend=self._sparsevit_backend)
-        return y if self.bias is None else y + self.bias
+        values = reference.dense_to_block_sparse(weight, layout.row_indices, layout.col_indices, layout.block_size)
+        y = dds(a, BlockSparseMatrix(values, layout).t(), backend=self._sparsevit_backend)
+        if bias is not None:
+            y = y + bias
+        return y if x.dim() >= 2 else y.squeeze(0)
 
 
 def train_block_sparse(manager: MaskManager, backend: Optional[str] = None) -> BlockSparseReport:

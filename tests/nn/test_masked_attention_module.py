@@ -131,3 +131,28 @@ def test_errors() -> None:
         module(x, keep=torch.ones(2, 5))
     with pytest.raises(ValueError, match="eps must be a finite float >= 0"):
         MaskedAttention(24, num_heads=3, eps=-1.0)
+
+
+@pytest.mark.parametrize("env", ["triton", "torch"])
+def test_dropout_path_under_backend_env(monkeypatch: pytest.MonkeyPatch, env: str) -> None:
+    """SPARSEVIT_BACKEND=triton names no masked_softmax kernel: the dropout path still runs
+    (masked_softmax's automatic choice); the fused path without dropout uses triton."""
+    _, module = _pair({})
+    module.attn_drop.p = 0.5
+    module.train()
+    x = torch.randn(2, 5, 24)
+    keep = torch.rand(2, 5, requires_grad=True)
+    monkeypatch.setenv("SPARSEVIT_BACKEND", env)
+    torch.manual_seed(3)
+    out = module(x, keep=keep)
+    monkeypatch.delenv("SPARSEVIT_BACKEND")
+    torch.manual_seed(3)
+    expected = module(x, keep=keep)
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    out.sum().backward()
+    assert keep.grad is not None and keep.grad.abs().sum() > 0
+    monkeypatch.setenv("SPARSEVIT_BACKEND", env)
+    module.eval()
+    fused = module(x, keep=keep)
+    monkeypatch.delenv("SPARSEVIT_BACKEND")
+    torch.testing.assert_close(fused, module(x, keep=keep), atol=1e-5, rtol=1e-4)

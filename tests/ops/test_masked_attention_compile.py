@@ -22,10 +22,28 @@ def test_opcheck_attention(backend: str, with_keep: bool) -> None:
     q, k, v = _qkv(dev)
     keep = torch.rand(2, 7, device=dev, requires_grad=True) if with_keep else None
     ops = torch.ops.sparsevit
-    torch.library.opcheck(ops.masked_attention_fwd.default, (q, k, v, keep, 0.25, 1e-3, backend))
-    out, m, s = ops.masked_attention_fwd(q, k, v, keep, 0.25, 1e-3, backend)
+    for need_grad in (True, False):
+        torch.library.opcheck(ops.masked_attention_fwd.default, (q, k, v, keep, 0.25, 1e-3, backend, need_grad))
+    out, *stats = ops.masked_attention_fwd(q, k, v, keep, 0.25, 1e-3, backend, True)
     kd = None if keep is None else keep.detach()
-    args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), kd, out.detach(), m, s, 0.25, 1e-3, backend)
+    args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), kd, out.detach(), *stats, 0.25, 1e-3, backend)
+    torch.library.opcheck(ops.masked_attention_bwd.default, args)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_opcheck_attention_half(backend: str) -> None:
+    """float16 inputs that need a gradient: the triton forward also returns its float32 output."""
+    require_backend(backend)
+    dev = device_for(backend)
+    q, k, v = _qkv(dev, torch.float16)
+    keep = torch.rand(2, 7, device=dev, requires_grad=True)
+    ops = torch.ops.sparsevit
+    torch.library.opcheck(ops.masked_attention_fwd.default, (q, k, v, keep, 0.25, 1e-3, backend, True))
+    out, *stats = ops.masked_attention_fwd(q, k, v, keep, 0.25, 1e-3, backend, True)
+    out32 = stats[-1]
+    assert out32.shape == ((2, 2, 7, 16) if backend == "triton" else (0,)) and out32.dtype == torch.float32
+    args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), keep.detach(), out.detach(), *stats,
+            0.25, 1e-3, backend)
     torch.library.opcheck(ops.masked_attention_bwd.default, args)
 
 
@@ -37,8 +55,8 @@ def test_opcheck_softmax(backend: str) -> None:
     keep = torch.rand(2, 6, device=dev, requires_grad=True)
     ops = torch.ops.sparsevit
     torch.library.opcheck(ops.masked_softmax_fwd.default, (scores, keep, 1e-3, backend))
-    _, m, s = ops.masked_softmax_fwd(scores, keep, 1e-3, backend)
-    torch.library.opcheck(ops.masked_softmax_bwd.default, (torch.randn_like(scores), scores.detach(), keep.detach(), m, s, 1e-3, backend))
+    _, mw, lam = ops.masked_softmax_fwd(scores, keep, 1e-3, backend)
+    torch.library.opcheck(ops.masked_softmax_bwd.default, (torch.randn_like(scores), scores.detach(), keep.detach(), mw, lam, 1e-3, backend))
 
 
 def _model(q, k, v, keep, backend):

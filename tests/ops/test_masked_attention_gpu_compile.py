@@ -21,21 +21,25 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 kernels = importlib.import_module("sparsevit.kernels.masked_attention")
-POINTERS = {"Q", "K", "V", "KEEP", "O", "M", "S", "DO", "DELTA", "DK", "DV", "DKEEP", "DQ"}
-FP32_POINTERS = {"M", "S", "DELTA", "DKEEP", "KEEP"}
+POINTERS = {"Q", "K", "V", "KEEP", "O", "O32", "MW", "LAM", "RHO", "JSTAR", "DO", "VBAR", "DVBAR", "DELTA", "DM",
+            "DK", "DV", "DKEEP", "DQ"}
+FP32_POINTERS = {"O32", "MW", "LAM", "RHO", "VBAR", "DVBAR", "DELTA", "DM", "DKEEP", "KEEP"}
 def compile_one(kernel, dtype, has_keep, head):
     fn = getattr(kernels, kernel)
     block = 32 if dtype == "fp32" else 64
-    consts = dict(HAS_KEEP=has_keep, PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST=False,
+    consts = dict(HAS_KEEP=has_keep, HAS_EPS=has_keep, STORE_O32=dtype != "fp32",
+                  PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST=False,
                   BLOCK_M=block, BLOCK_N=block, BLOCK_D=head)
     consts = {k: v for k, v in consts.items() if k in fn.arg_names}
     sig = {}
     for name in fn.arg_names:
         if name in consts:
             sig[name] = "constexpr"
+        elif name == "JSTAR":
+            sig[name] = "*i32"
         elif name in POINTERS:
             sig[name] = "*" + ("fp32" if name in FP32_POINTERS else dtype)
-        elif name in ("scale", "eps", "eps_n"):
+        elif name in ("scale", "log_eps", "inv_n"):
             sig[name] = "fp32"
         elif name in ("H", "N", "D"):
             sig[name] = "i32"
@@ -57,7 +61,7 @@ for kernel in ("_masked_attention_fwd_kernel", "_masked_attention_bwd_delta_kern
 '''
 
 
-@pytest.mark.parametrize("dtype, has_keep, head", [("bf16", True, 64), ("fp32", False, 32)])
+@pytest.mark.parametrize("dtype, has_keep, head", [("bf16", True, 64), ("fp32", False, 32), ("fp16", False, 128)])
 def test_compiles_for_sm90(dtype: str, has_keep: bool, head: int) -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     args = [sys.executable, "-c", SCRIPT, dtype, "1" if has_keep else "0", str(head)]

@@ -59,8 +59,8 @@ def test_closed_form_gradients_match_autograd() -> None:
     out = reference.masked_softmax(scores, keep, eps)
     grad = torch.randn_like(out)
     ds, dk = torch.autograd.grad(out, [scores, keep], grad)
-    _, m, s = reference.masked_softmax_stats(scores.detach().float(), keep.detach().float(), eps)
-    ds2, dk2 = reference.masked_softmax_grads(grad.float(), scores.detach().float(), keep.detach().float(), m, s, eps)
+    _, mw, lam = reference.masked_softmax_stats(scores.detach().float(), keep.detach().float(), eps)
+    ds2, dk2 = reference.masked_softmax_grads(grad.float(), scores.detach().float(), keep.detach().float(), mw, lam, eps)
     torch.testing.assert_close(ds2.double(), ds, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(dk2.double(), dk, atol=1e-5, rtol=1e-4)
 

@@ -78,3 +78,36 @@ def test_select_errors() -> None:
         sparsevit.select_tokens(x, torch.randn(2, 5), 2, order="random")
     with pytest.raises(ValueError, match="same device"):
         sparsevit.select_tokens(x, torch.randn(2, 5, device="meta"), 2)
+
+
+def _float_ceil_failures(max_m: int) -> list[tuple[float, int]]:
+    """Two-decimal fractions and counts M < max_m where ``math.ceil(keep * M)`` overshoots."""
+    from fractions import Fraction
+
+    return [
+        (p / 100, m)
+        for p in range(1, 100)
+        for m in range(1, max_m)
+        if math.ceil(p / 100 * m) != math.ceil(Fraction(str(p / 100)) * m)
+    ]
+
+
+def test_select_fraction_rounds_exactly() -> None:
+    """keep=0.28 of M=25 keeps 7 tokens (the float product 7.000000000000001 gave 8)."""
+    from fractions import Fraction
+
+    failures = _float_ceil_failures(400)
+    assert (0.28, 25) in failures
+    for keep, m in failures:
+        x = torch.randn(1, m + 1, 1)
+        _, index = sparsevit.select_tokens(x, torch.randn(1, m), keep, backend="torch")
+        assert index.shape[1] == 1 + math.ceil(Fraction(str(keep)) * m), (keep, m)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_select_fraction_exact_on_every_backend(backend: str) -> None:
+    require_backend(backend)
+    dev = device_for(backend)
+    x = torch.randn(2, 26, 3, device=dev)
+    tokens, index = sparsevit.select_tokens(x, torch.randn(2, 25, device=dev), 0.28, backend=backend)
+    assert index.shape == (2, 8) and tokens.shape == (2, 8, 3)  # prefix + 7
