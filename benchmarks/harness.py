@@ -1,78 +1,63 @@
-"""The benchmark harness: environment, timing, device peaks, records, table, plot.
+"""The benchmark harness: environment, timing, device peaks, records, table, progress.
 
 How we measure (see BENCHMARKING.md): every kernel is checked against its reference
 on the very inputs it is timed on; GPU times are medians of
 ``triton.testing.do_bench`` (warm-up, L2 flushed between runs) with inputs rotated
 so the L2 cache does not flatter; CPU times are wall-clock medians after warm-up.
-Peaks (copy bandwidth, matmul throughput) are measured in the same run, so derived
-fractions compare like with like.  Each result is one JSON record.
+Every median carries its spread (the interquartile range of its samples), shown in
+every table and flagged when large.  Peaks (copy bandwidth, matmul throughput) are
+measured in the same run, so derived fractions compare like with like.  Each result
+is one JSON record; a sparsevit backend that cannot run a point is a record too,
+with the reason (:meth:`Runner.split_backends`), never a silently missing row.
+
+The environment, timing and progress code lives in the package
+(:mod:`sparsevit.cli`), shared with ``python -m sparsevit bench``.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-import platform
-import statistics
-import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, TypeVar
 
 import torch
 
-__all__ = ["Record", "Runner", "environment", "time_ms", "copy_bandwidth_gbps", "matmul_peak_tflops"]
+from sparsevit.backend import OpSupport
+from sparsevit.cli.env import environment
+from sparsevit.cli.progress import Progress
+from sparsevit.cli.progress import progress as _progress
+from sparsevit.cli.timing import NOISY_SPREAD, Timing, measure
+
+__all__ = ["Progress", "Record", "Runner", "TimedMs", "environment", "time_ms", "timed_samples",
+           "copy_bandwidth_gbps", "matmul_peak_tflops", "format_table", "spread_warning"]
+
+T = TypeVar("T")
 
 
-def environment(device: torch.device) -> dict:
-    """Device name and library versions for every record."""
-    try:
-        import triton
+class TimedMs(float):
+    """A median in milliseconds that also carries the :class:`Timing` it summarises.
 
-        triton_version = triton.__version__
-    except Exception:  # noqa: BLE001
-        triton_version = None
-    try:
-        import timm
+    It is a float so that the suites compute ratios with it as with any number;
+    :meth:`Runner.add` moves the spread into the record.
+    """
 
-        timm_version = timm.__version__
-    except Exception:  # noqa: BLE001
-        timm_version = None
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = platform.processor() or platform.machine()
-        name = f"CPU {name} ({torch.get_num_threads()} threads)"
-    return {
-        "device": device.type,
-        "device_name": name,
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "cuda": torch.version.cuda,
-        "timm": timm_version,
-        "python": platform.python_version(),
-    }
+    timing: Timing
+
+    def __new__(cls, timing: Timing) -> "TimedMs":
+        obj = super().__new__(cls, timing.median)
+        obj.timing = timing
+        return obj
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def time_ms(fn: Callable[[], Any], device: torch.device, *, min_time_s: float = 0.2, max_reps: int = 200) -> TimedMs:
+    """Median milliseconds of ``fn()`` on ``device`` (do_bench on GPU, wall clock on CPU), with its spread."""
+    return TimedMs(measure(fn, device, min_time_s=min_time_s, max_reps=max_reps))
 
 
-def time_ms(fn: Callable[[], Any], device: torch.device, *, min_time_s: float = 0.2, max_reps: int = 200) -> float:
-    """Median milliseconds of ``fn()`` on ``device`` (do_bench on GPU, wall clock on CPU)."""
-    if device.type == "cuda":
-        from triton.testing import do_bench
-
-        return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
-    for _ in range(3):
-        fn()
-    samples: list[float] = []
-    start = time.perf_counter()
-    while len(samples) < 5 or (time.perf_counter() - start < min_time_s and len(samples) < max_reps):
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(samples)
+def timed_samples(samples_ms: Sequence[float]) -> TimedMs:
+    """The median and spread of samples a suite timed itself (e.g. the steps of a training loop)."""
+    return TimedMs(Timing(tuple(float(s) for s in samples_ms)))
 
 
 def rotation_count(bytes_per_set: int, device: torch.device) -> int:
@@ -119,7 +104,7 @@ class Record:
     baseline: Optional[str]
     dtype: str
     shape: dict
-    median_ms: float
+    median_ms: Optional[float]  # None when skipped
     bytes: Optional[int] = None
     flops: Optional[int] = None
     gbps: Optional[float] = None
@@ -128,17 +113,23 @@ class Record:
     speedup_vs_baseline: Optional[float] = None
     max_abs_error: Optional[float] = None
     extra: dict = field(default_factory=dict)
+    spread: Optional[dict] = None  # quartiles of the timing samples (filled by Runner.add)
+    skipped: Optional[str] = None  # why this implementation could not run here
 
 
 class Runner:
     """Collects records for one suite run and holds what the suites need."""
 
-    def __init__(self, suite: str, device: torch.device, quick: bool, dtypes: Sequence[torch.dtype], backends: Sequence[str]):
+    def __init__(self, suite: str, device: torch.device, quick: bool, dtypes: Sequence[torch.dtype], backends: Sequence[str],
+                 *, backends_explicit: bool = True):
         self.suite = suite
         self.device = device
         self.quick = quick
         self.dtypes = list(dtypes)
         self.backends = list(backends)
+        # Requested by the user (every one gets a row, with the reason when it cannot run),
+        # or the default for the device (an op without that backend just has no row).
+        self.backends_explicit = backends_explicit
         self.env = environment(device)
         self.records: list[Record] = []
         self.peaks: dict[str, float] = {}
@@ -159,8 +150,40 @@ class Runner:
             return 0.0
         return float((out.float() - ref.float()).abs().max())
 
+    def split_backends(self, support: OpSupport, tensors: Sequence[torch.Tensor], dtype: Optional[torch.dtype] = None
+                       ) -> tuple[list[str], dict[str, str]]:
+        """(backends that run these inputs, {backend: why not} for the requested others).
+
+        With the device's default backends, one that the op does not implement for this
+        device type is left out; an explicitly requested one always gets its reason.
+        """
+        dtype = tensors[0].dtype if dtype is None else dtype
+        ok, rejected = [], {}
+        for backend in self.backends:
+            own = support.backends.get(backend)
+            if not self.backends_explicit and (own is None or self.device.type not in own.devices):
+                continue
+            reason = support.reject_reason(backend, tensors, dtype, self.device.type)
+            if reason is None:
+                ok.append(backend)
+            else:
+                rejected[backend] = reason
+        return ok, rejected
+
+    def skip(self, op: str, impl: str, backend: Optional[str], dtype: str, shape: dict, reason: str,
+             baseline: Optional[str] = None) -> Record:
+        """Keep a row for an implementation that cannot run here, with the reason."""
+        return self.add(Record(self.suite, op, impl, backend, baseline, dtype, shape, None, skipped=reason))
+
     def add(self, record: Record) -> Record:
-        """Fill the derived figures of ``record`` and keep it."""
+        """Fill the derived figures of ``record`` (and its spread, from a :class:`TimedMs`) and keep it."""
+        if record.median_ms is None:
+            self.records.append(record)
+            return record
+        timing = getattr(record.median_ms, "timing", None)
+        if timing is not None:
+            record.spread = {k: v for k, v in timing.as_dict().items() if k != "samples_ms"}
+        record.median_ms = float(record.median_ms)
         seconds = record.median_ms * 1e-3
         if record.bytes is not None and seconds > 0:
             record.gbps = record.bytes / seconds / 1e9
@@ -182,37 +205,57 @@ class Runner:
         }
 
 
+def spread_cell(record: Record) -> str:
+    """``IQR / median`` in percent, marked ``!`` above :data:`NOISY_SPREAD` (empty without samples)."""
+    if record.spread is None:
+        return ""
+    rel = record.spread["rel_iqr"]
+    return f"{100 * rel:.0f}%" + (" !" if rel > NOISY_SPREAD else "")
+
+
+def spread_warning(records: Sequence[Record]) -> Optional[str]:
+    """The warning for rows whose spread is too large to trust their ratios, or None."""
+    noisy = [r for r in records if r.spread is not None and r.spread["rel_iqr"] > NOISY_SPREAD]
+    if not noisy:
+        return None
+    return (f"warning: {len(noisy)} row(s) marked '!' have an interquartile range above {100 * NOISY_SPREAD:.0f}% "
+            "of their median (a busy machine, or too few samples): their ratios are noise-prone; rerun before "
+            "quoting them.")
+
+
 def format_table(records: Sequence[Record]) -> str:
-    """A fixed-width text table of the records."""
-    header = ["op", "shape", "dtype", "impl", "ms", "GB/s", "%copy", "TFLOP/s", "vs baseline"]
-    with_top1 = any("top1" in r.extra for r in records)
-    if with_top1:
-        header.append("top-1")
+    """A fixed-width text table of the records: medians with their spread, skipped rows with
+    their reason, an accuracy column when the records have one, and the spread warning."""
+    header = ["op", "shape", "dtype", "impl", "ms", "IQR", "GB/s", "%copy", "TFLOP/s", "vs baseline"]
+    metrics = [(key, title) for key, title in (("top1", "top-1"), ("accuracy", "accuracy"))
+               if any(key in r.extra for r in records)]
+    header += [title for _, title in metrics]
     rows = [header]
     for r in records:
         shape = "x".join(f"{v}" for v in r.shape.values())
+        if r.skipped is not None:
+            rows.append([r.op, shape, r.dtype, r.impl, "skipped", r.skipped] + [""] * (len(header) - 6))
+            continue
         rows.append([
             r.op,
             shape,
             r.dtype,
             r.impl,
             f"{r.median_ms:.4f}",
+            spread_cell(r),
             "" if r.gbps is None else f"{r.gbps:.1f}",
             "" if r.frac_copy_bandwidth is None else f"{100 * r.frac_copy_bandwidth:.0f}%",
             "" if r.tflops is None else f"{r.tflops:.2f}",
             "" if r.speedup_vs_baseline is None else f"{r.speedup_vs_baseline:.2f}x {r.baseline}",
-        ] + ([f"{100 * r.extra['top1']:.1f}%" if "top1" in r.extra else ""] if with_top1 else []))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        ] + [f"{100 * r.extra[key]:.1f}%" if key in r.extra else "" for key, _ in metrics])
+    # A skip reason spans the columns after it, so it does not widen them.
+    widths = [max(len(row[i]) for row in rows if not (row[4] == "skipped" and i >= 5)) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    warning = spread_warning(records)
+    return "\n".join(lines + ([warning] if warning else []))
 
 
-def progress(items: Sequence[Any], desc: str):
-    """A tqdm progress bar when tqdm is installed, else the plain sequence."""
-    try:
-        from tqdm import tqdm
-
-        return tqdm(items, desc=desc, leave=False)
-    except ImportError:
-        return items
+def progress(items: Iterable[T], desc: str, label: Optional[Callable[[T], str]] = None) -> Iterator[T]:
+    """Yield ``items`` with one progress line (case, elapsed, ETA) on stderr after each."""
+    return _progress(items, desc, label)

@@ -1,11 +1,13 @@
 """Backends and the choice among them.
 
-Three backends serve every op:
+Four backends serve the ops (each op declares which of them implement it):
 
-* ``cuda``   -- the C++/CUDA extension ``sparsevit._C`` (CUDA tensors only);
+* ``cuda``   -- the CUDA kernels of the C++ extension ``sparsevit._C`` (CUDA tensors);
+* ``cpp``    -- the C++ CPU kernels of ``sparsevit._C`` (CPU tensors): the block-sparse
+  products ``dds`` / ``dsd`` / ``sdd``, fp32, bf16 and fp16;
 * ``triton`` -- the Triton kernels in ``sparsevit.kernels`` (CUDA tensors, or CPU
   tensors when ``TRITON_INTERPRET=1`` was set before Triton was imported);
-* ``torch``  -- the pure-PyTorch reference (any device).
+* ``torch``  -- the pure-PyTorch reference (any device): the specification.
 
 Each op declares, per backend, which devices and dtypes it supports and any
 shape condition (an :class:`OpSupport`).  The backend is chosen as:
@@ -13,7 +15,8 @@ shape condition (an :class:`OpSupport`).  The backend is chosen as:
 1. the explicit ``backend=`` argument of the op, else
 2. the ``SPARSEVIT_BACKEND`` environment variable, else
 3. the first backend of the op's preference order for the inputs' device that
-   supports them (the fastest measured one; on the CPU that is ``torch``, since
+   supports them (the fastest measured one; on the CPU that is ``cpp`` for the
+   block-sparse products when the extension has its CPU kernels, else ``torch``:
    the Triton interpreter is for testing, not speed).
 
 An explicit request (1 or 2) that cannot be served raises
@@ -28,7 +31,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ._extension import EXTENSION_ERROR
+from ._extension import CPU_KERNELS_ERROR, CUDA_KERNELS_ERROR, EXTENSION_ERROR
 
 __all__ = [
     "BACKENDS",
@@ -42,7 +45,9 @@ __all__ = [
     "choose_backend",
 ]
 
-BACKENDS: tuple[str, ...] = ("cuda", "triton", "torch")
+BACKENDS: tuple[str, ...] = ("cuda", "cpp", "triton", "torch")
+# The backends whose kernels live in sparsevit._C, and the one device type each serves.
+NATIVE_DEVICE = {"cuda": "cuda", "cpp": "cpu"}
 ENV_VAR = "SPARSEVIT_BACKEND"
 FLOAT_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
 
@@ -75,10 +80,11 @@ def _backend_error(name: str, device_type: str) -> Optional[str]:
     """Why backend ``name`` cannot run on ``device_type`` here, or None."""
     if name == "torch":
         return None
-    if name == "cuda":
-        if device_type != "cuda":
-            return f"needs CUDA tensors, got {device_type} tensors"
-        return EXTENSION_ERROR
+    if name in NATIVE_DEVICE:
+        want = NATIVE_DEVICE[name]
+        if device_type != want:
+            return f"needs {want.upper()} tensors, got {device_type} tensors"
+        return CUDA_KERNELS_ERROR if name == "cuda" else CPU_KERNELS_ERROR
     if name == "triton":
         err = _triton_error()
         if err is not None:
@@ -204,9 +210,8 @@ def backend_status() -> list[BackendStatus]:
     for name in BACKENDS:
         cpu = _backend_error(name, "cpu")
         cuda = _backend_error(name, "cuda") if cuda_here else "no CUDA device visible to torch"
-        if name == "cuda" and EXTENSION_ERROR is not None:
-            cpu = cpu if cpu else EXTENSION_ERROR
-            cuda = EXTENSION_ERROR if cuda_here else f"{cuda}; {EXTENSION_ERROR}"
+        if name == "cuda" and not cuda_here and CUDA_KERNELS_ERROR is not None:
+            cuda = f"{cuda}; {CUDA_KERNELS_ERROR}"
         out.append(BackendStatus(name, cpu, cuda))
     return out
 
@@ -218,7 +223,12 @@ def backend_table() -> str:
         cpu = "yes" if st.cpu is None else f"no: {st.cpu}"
         cuda = "yes" if st.cuda is None else f"no: {st.cuda}"
         lines.append(f"{st.name:<7} | {cpu} | {cuda}")
-    lines.append("extension sparsevit._C: " + ("loaded" if EXTENSION_ERROR is None else EXTENSION_ERROR))
+    if EXTENSION_ERROR is None:
+        kernels = [f"{what} {'yes' if err is None else 'no'}" for what, err in
+                   (("C++ CPU kernels", CPU_KERNELS_ERROR), ("CUDA kernels", CUDA_KERNELS_ERROR))]
+        lines.append("extension sparsevit._C: loaded (" + ", ".join(kernels) + ")")
+    else:
+        lines.append("extension sparsevit._C: " + EXTENSION_ERROR)
     lines.append("triton: " + (_triton_error() or ("interpreter (TRITON_INTERPRET=1)" if triton_interpreter_enabled() else "compiled")))
     env = os.environ.get(ENV_VAR)
     lines.append(f"{ENV_VAR}={env!r}" if env else f"{ENV_VAR} unset: automatic choice per op and device")

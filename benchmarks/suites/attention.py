@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 import sparsevit
 from sparsevit import reference
-from sparsevit.backend import _backend_error
+from sparsevit.ops.masked_attention import MASKED_ATTENTION_SUPPORT
 
 from harness import Record, Runner, progress, rotating, rotation_count, time_ms
 
@@ -102,22 +102,22 @@ def _flex(runner: Runner):
     return compiled, block_mask
 
 
-def _impls(runner: Runner, masked: bool, scale: float, flex) -> dict[str, tuple[Optional[str], Callable]]:
-    """name -> (sparsevit backend or None, fn(q, k, v, keep, extra) -> out)."""
+def _impls(runner: Runner, masked: bool, scale: float, flex, qkv: tuple) -> tuple[dict[str, tuple[Optional[str], Callable]], dict[str, str]]:
+    """(name -> (sparsevit backend or None, fn(q, k, v, keep, extra) -> out), {backend: why it cannot run})."""
     impls: dict[str, tuple[Optional[str], Callable]] = {}
-    for backend in runner.backends:
-        if _backend_error(backend, runner.device.type) is None:
-            impls[f"sparsevit[{backend}]"] = (
-                backend,
-                (lambda be: lambda q, k, v, keep, extra: sparsevit.masked_attention(q, k, v, keep, scale=scale, eps=EPS, backend=be))(backend),
-            )
+    backends, skipped = runner.split_backends(MASKED_ATTENTION_SUPPORT, list(qkv))
+    for backend in backends:
+        impls[f"sparsevit[{backend}]"] = (
+            backend,
+            (lambda be: lambda q, k, v, keep, extra: sparsevit.masked_attention(q, k, v, keep, scale=scale, eps=EPS, backend=be))(backend),
+        )
     if masked:
         impls["sdpa+bool_mask"] = (None, lambda q, k, v, keep, extra: F.scaled_dot_product_attention(q, k, v, attn_mask=extra["bool_mask"], scale=scale))
         if flex is not None:
             compiled = flex[0]
             impls["flex+mask_mod"] = (None, lambda q, k, v, keep, extra: compiled(q, k, v, block_mask=extra["block_mask"], scale=scale))
     impls["dynamicvit_unfused"] = (None, lambda q, k, v, keep, extra: _dynamicvit(q, k, v, keep, scale))
-    return impls
+    return impls, skipped
 
 
 def _peak_mb(fn: Callable[[], object], device: torch.device) -> Optional[float]:
@@ -136,7 +136,11 @@ def run(runner: Runner) -> None:
     cases = [(p, dtype, masked, mode) for p in _points(runner) for dtype in runner.dtypes
              for masked in (False, True) for mode in ("fwd", "fwd+bwd")]
     flex = _flex(runner)
-    for (b, h, n, d), dtype, masked, mode in progress(cases, "attention"):
+    def label(case) -> str:
+        (b, h, n, d), dtype, masked, mode = case
+        return f"B={b} H={h} N={n} D={d} {dtype} {'keep 70%' if masked else 'no mask'} {mode}"
+
+    for (b, h, n, d), dtype, masked, mode in progress(cases, "attention", label=label):
         _case(runner, b, h, n, d, dtype, masked, mode, flex)
 
 
@@ -179,7 +183,8 @@ def _case(runner: Runner, b: int, h: int, n: int, d: int, dtype: torch.dtype, ma
     base_ms = time_ms(rotating(packed, base_fn), dev)
     runner.add(Record("attention", op, "sdpa(no mask)", None, None, dt, shape, base_ms, flops=int(flops),
                       extra={"peak_mb": _peak_mb(lambda: base_fn(*packed[0]), dev)}))
-    for name, (backend, fn) in _impls(runner, masked, scale, flex).items():
+    impls, skipped = _impls(runner, masked, scale, flex, (q, k, v))
+    for name, (backend, fn) in impls.items():
         exact = name in ("sdpa+bool_mask", "flex+mask_mod")
         got = call(fn)(*packed[0])
         got = [got] if not grad else list(got)
@@ -192,3 +197,5 @@ def _case(runner: Runner, b: int, h: int, n: int, d: int, dtype: torch.dtype, ma
         runner.add(Record("attention", op, name, backend, "sdpa(no mask)", dt, shape, ms, flops=int(flops),
                           speedup_vs_baseline=base_ms / ms, max_abs_error=err,
                           extra={"peak_mb": _peak_mb(lambda: call(fn)(*packed[0]), dev)}))
+    for backend, reason in skipped.items():
+        runner.skip(op, f"sparsevit[{backend}]", backend, dt, shape, reason, "sdpa(no mask)")

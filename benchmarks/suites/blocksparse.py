@@ -12,8 +12,9 @@ roofline floor ``max(FLOPs / matmul peak, bytes / copy bandwidth)`` from peaks
 measured in this run.  ``beats_dense_from`` in the printed summary is the lowest
 measured sparsity at which a block size is faster than dense; ``python
 benchmarks/suites/blocksparse.py RESULTS.json`` plots speed-up vs sparsity per block
-size.  Every implementation is checked against the masked dense product before it
-is timed.
+size, and is the PNG that ``benchmarks/run.py`` writes for this suite.  Every
+implementation is checked against the masked dense product before it is timed; a
+requested sparsevit backend that cannot run is a row with the reason.
 """
 
 from __future__ import annotations
@@ -26,13 +27,14 @@ import torch
 import torch.nn.functional as F
 
 import sparsevit
-from sparsevit.backend import _backend_error
 from sparsevit.layout import BlockSparseLayout
+from sparsevit.ops.block_sparse_matmul import BLOCK_SPARSE_SUPPORT
 
 if __name__ == "__main__":  # run as a script (plotting): make the harness importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from harness import Record, Runner, progress, rotating, rotation_count, time_ms  # noqa: E402
+from plot import NoPlot, pyplot  # noqa: E402
 
 TOKENS = 197
 SPARSITIES = (0.0, 0.5, 0.75, 0.9, 0.95)
@@ -51,10 +53,6 @@ def _points(runner: Runner) -> list[tuple[int, int, int, int, float]]:
     return [(b, i, o, bs, s) for (i, o) in shapes for b in batches for bs in blocks for s in sparsities]
 
 
-def _backends(runner: Runner) -> list[str]:
-    return [b for b in runner.backends if _backend_error(b, runner.device.type) is None]
-
-
 def _tolerance(dtype: torch.dtype) -> dict:
     """Outputs are O(1) (weights scaled by 1/sqrt(K))."""
     if dtype == torch.float32:
@@ -66,7 +64,11 @@ def run(runner: Runner) -> None:
     runner.measure_peaks(matmul=True)
     summary: dict = {}
     points = [(p, dtype) for p in _points(runner) for dtype in runner.dtypes]
-    for (batch, fin, fout, bs, sparsity), dtype in progress(points, "blocksparse"):
+    def label(point) -> str:
+        (batch, fin, fout, bs, sparsity), dtype = point
+        return f"M={batch * TOKENS} {fin}->{fout} block {bs} sparsity {sparsity} {dtype}"
+
+    for (batch, fin, fout, bs, sparsity), dtype in progress(points, "blocksparse", label=label):
         _point(runner, batch, fin, fout, bs, sparsity, dtype, summary)
     for key, value in sorted(summary.items(), key=str):
         print(f"blocksparse: {key}: beats dense from sparsity {value}")
@@ -83,7 +85,11 @@ def _point(runner: Runner, batch: int, fin: int, fout: int, bs: int, sparsity: f
     m = batch * TOKENS
     layout = BlockSparseLayout.random((fout, fin), bs, sparsity, device=dev)
     density = layout.density
+    shape = {"M": m, "K": fin, "N": fout, "block": bs, "sparsity": sparsity}
+    dt = str(dtype).replace("torch.", "")
     if layout.nnz_blocks == 0:
+        for op in ("linear_fwd", "linear_fwd_bwd"):
+            runner.skip(op, "sparsevit", None, dt, shape, f"no block of {bs}x{bs} is kept at sparsity {sparsity}")
         return
     weight = torch.randn(fout, fin, device=dev, dtype=dtype) / fin**0.5
     mat = sparsevit.BlockSparseMatrix.from_dense(weight, layout)
@@ -100,11 +106,10 @@ def _point(runner: Runner, batch: int, fin: int, fout: int, bs: int, sparsity: f
     fwd_flops = 2 * m * fin * fout * density
     fwd_bytes = (m * fin + kept + m * fout) * es
     bwd_bytes = fwd_bytes + (m * fout + m * fin + kept) * es  # + dy read, dx and dW written
-    shape = {"M": m, "K": fin, "N": fout, "block": bs, "sparsity": sparsity}
-    dt = str(dtype).replace("torch.", "")
 
     impls: dict[str, tuple[Callable, Optional[Callable]]] = {}
-    for backend in _backends(runner):
+    backends, skipped = runner.split_backends(BLOCK_SPARSE_SUPPORT, [x0, values])
+    for backend in backends:
         def fwd(x, dy, be=backend):
             return sparsevit.dds(x, sparsevit.BlockSparseMatrix(values, layout).t(), backend=be)
 
@@ -153,6 +158,8 @@ def _point(runner: Runner, batch: int, fin: int, fout: int, bs: int, sparsity: f
             if name.startswith("sparsevit[") and ms < base_ms:
                 key = (op, fin, fout, batch, bs, dt, name)
                 summary[key] = min(summary.get(key, 1.0), sparsity)
+        for backend, reason in skipped.items():
+            runner.skip(op, f"sparsevit[{backend}]", backend, dt, shape, reason, "F.linear")
 
 
 def _no_grad(fn: Callable, x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
@@ -203,23 +210,16 @@ def _stk_impl(masked: torch.Tensor, layout: BlockSparseLayout) -> Optional[Calla
     return lambda x, dy: stk.ops.dds(x, w_t)
 
 
-def plot_speedup(result: dict, path: str) -> Optional[str]:
+def plot_speedup(result: dict, path: str) -> str:
     """Speed-up over dense vs sparsity, one line per (block size, impl), with the ideal 1/density.
 
-    One panel per (op, K x N, M, dtype); returns the PNG path, or None without matplotlib.
+    One panel per (op, K x N, M, dtype); returns the PNG path, or raises NoPlot with the reason.
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed (pip install 'sparsevit[bench]'): no plot")
-        return None
-    records = [r for r in result["records"] if r["suite"] == "blocksparse" and r["speedup_vs_baseline"] is not None]
+    records = [r for r in result["records"] if r["suite"] == "blocksparse" and r.get("speedup_vs_baseline") is not None]
     panels = sorted({(r["op"], r["shape"]["K"], r["shape"]["N"], r["shape"]["M"], r["dtype"]) for r in records})
     if not panels:
-        return None
+        raise NoPlot("no record has a speed-up over F.linear")
+    plt = pyplot()
     cols = min(4, len(panels))
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
@@ -245,6 +245,9 @@ def plot_speedup(result: dict, path: str) -> Optional[str]:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+plot = plot_speedup  # the PNG benchmarks/run.py writes for this suite
 
 
 if __name__ == "__main__":

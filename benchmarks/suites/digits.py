@@ -29,7 +29,8 @@ from sparsevit.models import DynamicViT, DynamicViTLoss, PatchTicketViT, RandomP
 from sparsevit.models.train_loop import evaluate, train
 from timm.models.vision_transformer import VisionTransformer
 
-from harness import Record, Runner, progress, time_ms
+from harness import Progress, Record, Runner, time_ms
+from plot import NoPlot, pyplot
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,9 @@ def _throughput(runner: Runner, predict, images: torch.Tensor) -> float:
 def run(runner: Runner) -> None:
     cfg = QUICK if runner.quick else FULL
     n_patch = (cfg.canvas // cfg.patch) ** 2
-    for seed in progress(list(cfg.seeds), "digits seeds"):
+    # One progress line per trained model (dense, two DynamicViTs, ticket, random) and seed.
+    bar = Progress(5 * len(cfg.seeds), "digits")
+    for seed in cfg.seeds:
         train_set, test_set = scattered_digits_splits(canvas=cfg.canvas, scale=cfg.scale, noise=0.2, seed=seed, align=cfg.patch)
         batch = test_set.images[:EVAL_BATCH].to(runner.device)
         shape = {"canvas": cfg.canvas, "patch": cfg.patch, "C": cfg.embed_dim, "depth": cfg.depth, "seed": seed}
@@ -90,6 +93,7 @@ def run(runner: Runner) -> None:
         acc = evaluate(dense, test_set.batches(EVAL_BATCH))
         dense_ms = _throughput(runner, dense, batch)
         record("dense", acc, dense_ms, [n_patch + 1] * cfg.depth, None, {"epochs": cfg.epochs})
+        bar.advance(f"seed {seed}: dense ViT trained")
 
         # DynamicViT fine-tuned from the dense model, dense teacher.
         for rho in (0.7, 0.5):
@@ -115,6 +119,7 @@ def run(runner: Runner) -> None:
                 tokens.append(current)
             ms = _throughput(runner, model, batch)
             record(f"dynamicvit rho={rho}", acc, ms, tokens, dense_ms, {"prune_at": model.prune_at, "finetune_epochs": cfg.finetune_epochs})
+            bar.advance(f"seed {seed}: DynamicViT rho={rho} fine-tuned")
 
         # Patch ticket vs random patches, trained from the same initialisation.
         selector = TicketSelector(copy.deepcopy(dense), depths=list(range(1, cfg.depth)), keep=cfg.ticket_keep)
@@ -141,3 +146,26 @@ def run(runner: Runner) -> None:
             ms = _throughput(runner, lambda images: student(images, index), batch)
             record(f"{name} patches k={k} (sparse eval)", sparse_acc, ms, [k + 1] * cfg.depth, dense_ms, {"k": k})
             record(f"{name} patches k={k} (dense eval)", dense_acc, dense_ms, [n_patch + 1] * cfg.depth, dense_ms, {"k": k})
+            bar.advance(f"seed {seed}: {name}-patch ViT trained")
+
+
+def plot(result: dict, path: str) -> str:
+    """Test top-1 against inference images/s, one point per model and seed (up and right is better)."""
+    records = [r for r in result["records"] if "top1" in r.get("extra", {}) and "img_per_s" in r["extra"]]
+    if not records:
+        raise NoPlot("no record has a top-1 accuracy and a throughput")
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in sorted({r["op"] for r in records}):
+        mine = [r for r in records if r["op"] == name]
+        ax.scatter([r["extra"]["img_per_s"] for r in mine], [100 * r["extra"]["top1"] for r in mine], label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("inference images/s (log scale)")
+    ax.set_ylabel("test top-1 (%)")
+    env = result["environment"]
+    ax.set_title(f"digits on {env['device_name']} (torch {env['torch']})", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

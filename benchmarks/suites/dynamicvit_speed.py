@@ -20,10 +20,10 @@ import os
 import timm
 import torch
 
-from sparsevit.backend import _backend_error
 from sparsevit.models import DynamicViT, DynamicViTLoss
+from sparsevit.ops.masked_attention import MASKED_ATTENTION_SUPPORT
 
-from harness import Record, Runner, progress, time_ms
+from harness import Progress, Record, Runner, time_ms
 
 RATIOS = (0.5, 0.7, 0.9)
 
@@ -46,7 +46,8 @@ def run(runner: Runner) -> None:
     dt = str(dtype).replace("torch.", "")
     names, batches, train_batch = _plan(runner)
     points = [(n, b) for n in names for b in batches]
-    for name, batch in progress(points, "dynamicvit_speed"):
+    bar = Progress(len(points) + len(names), "dynamicvit_speed")
+    for name, batch in points:
         torch.manual_seed(0)
         dense = timm.create_model(name, pretrained=False).to(runner.device, dtype).eval()
         size = dense.patch_embed.img_size
@@ -62,14 +63,28 @@ def run(runner: Runner) -> None:
                 ms = time_ms(lambda: model(images), runner.device, min_time_s=1.0)
             runner.add(Record("dynamicvit_speed", "inference", f"dynamicvit rho={rho}", None, "timm dense", dt, shape, ms,
                               speedup_vs_baseline=dense_ms / ms, extra={"img_per_s": batch / (ms * 1e-3)}))
-    for name in progress(names, "dynamicvit_speed train"):
+        bar.advance(f"{name} batch {batch} inference")
+    for name in names:
         _training_step(runner, name, train_batch, dtype, dt)
+        bar.advance(f"{name} batch {train_batch} train step")
+
+
+def _training_backends(runner: Runner, dtype: torch.dtype) -> tuple[list[str], dict[str, str]]:
+    """Backends of masked_attention to time a training step with (torch, the baseline, first)."""
+    q = torch.zeros(1, 1, 4, 8, device=runner.device, dtype=dtype)
+    backends, skipped = runner.split_backends(MASKED_ATTENTION_SUPPORT, [q, q, q])
+    if runner.device.type == "cpu":
+        for backend in [b for b in backends if b != "torch"]:
+            backends.remove(backend)
+            skipped[backend] = "on the CPU only the torch backend is a speed path (the Triton interpreter is for tests)"
+    return sorted(backends, key=lambda b: b != "torch"), skipped
 
 
 def _training_step(runner: Runner, name: str, batch: int, dtype: torch.dtype, dt: str) -> None:
-    backends = [b for b in ("torch", "triton", "cuda") if b in runner.backends and _backend_error(b, runner.device.type) is None]
-    if runner.device.type == "cpu":
-        backends = ["torch"]  # the Triton interpreter is a test tool, not a speed path
+    backends, skipped = _training_backends(runner, dtype)
+    for backend, reason in skipped.items():
+        runner.skip("train_step", f"dynamicvit rho=0.7 attention[{backend}]", backend, dt, {"model": name, "batch": batch},
+                    reason, "unfused formula (torch)")
     results = {}
     for backend in backends:
         torch.manual_seed(0)

@@ -17,7 +17,7 @@ import torch
 
 import sparsevit
 from sparsevit import reference
-from sparsevit.backend import _backend_error
+from sparsevit.ops.token_gather import TOKEN_SUPPORT
 from sparsevit.rounding import ceil_fraction
 
 from harness import Record, Runner, progress, rotating, rotation_count, time_ms
@@ -29,10 +29,6 @@ def _shapes(runner: Runner) -> list[tuple[int, int, int]]:
     if runner.device.type == "cuda":
         return [(256, 197, 384), (256, 197, 768), (256, 197, 1024)] if not runner.quick else [(256, 197, 384)]
     return [(8, 197, 384)] if runner.quick else [(32, 197, 384), (32, 197, 768)]
-
-
-def _backends(runner: Runner) -> list[str]:
-    return [b for b in runner.backends if _backend_error(b, runner.device.type) is None]
 
 
 def _make_set(b: int, n: int, c: int, dtype: torch.dtype, device: torch.device):
@@ -47,7 +43,7 @@ def _make_set(b: int, n: int, c: int, dtype: torch.dtype, device: torch.device):
 def run(runner: Runner) -> None:
     runner.measure_peaks()
     points = [(shape, dtype) for shape in _shapes(runner) for dtype in runner.dtypes]
-    for (b, n, c), dtype in progress(points, "tokens"):
+    for (b, n, c), dtype in progress(points, "tokens", label=lambda p: f"B={p[0][0]} N={p[0][1]} C={p[0][2]} {p[1]}"):
         first = _make_set(b, n, c, dtype, runner.device)
         set_bytes = sum(t.numel() * t.element_size() for t in first)
         sets = [first] + [_make_set(b, n, c, dtype, runner.device) for _ in range(rotation_count(set_bytes, runner.device) - 1)]
@@ -57,19 +53,23 @@ def run(runner: Runner) -> None:
         _select(runner, sets, dtype)
 
 
-def _checked_ours(runner: Runner, op: str, sets: list, ref: torch.Tensor, call: Callable, **tol) -> tuple[dict, dict]:
-    """``call(x, index, scores, src, backend=...)`` on every backend that runs here, each checked
-    against ``ref`` on the first input set before it is timed; returns (callables, max errors)."""
+def _checked_ours(runner: Runner, op: str, sets: list, ref: torch.Tensor, call: Callable, **tol) -> tuple[dict, dict, dict]:
+    """``call(x, index, scores, src, backend=...)`` on every requested backend that runs here, each
+    checked against ``ref`` on the first input set before it is timed; returns (callables, max
+    errors, {backend: why it cannot run} for the others)."""
+    x, index = sets[0][0], sets[0][1]
+    backends, skipped = runner.split_backends(TOKEN_SUPPORT, [x, index])
     ours, errors = {}, {}
-    for backend in _backends(runner):
+    for backend in backends:
         fn = functools.partial(call, backend=backend)
         errors[backend] = runner.check(f"{op}[{backend}]", fn(*sets[0]), ref, **tol)
         ours[backend] = fn
-    return ours, errors
+    return ours, errors, skipped
 
 
 def _point(runner: Runner, op: str, x: torch.Tensor, k: int, dtype: torch.dtype, nbytes: int, baseline: str,
-           baseline_fn: Callable, ours: dict[str, Callable], sets: list, errors: dict[str, float]) -> None:
+           baseline_fn: Callable, ours: dict[str, Callable], sets: list, errors: dict[str, float],
+           skipped: dict[str, str]) -> None:
     base_ms = time_ms(rotating(sets, baseline_fn), runner.device)
     shape = {"B": x.shape[0], "N": x.shape[1], "C": x.shape[2], "K": k}
     dt = str(dtype).replace("torch.", "")
@@ -78,6 +78,8 @@ def _point(runner: Runner, op: str, x: torch.Tensor, k: int, dtype: torch.dtype,
         ms = time_ms(rotating(sets, fn), runner.device)
         runner.add(Record("tokens", op, f"sparsevit[{backend}]", backend, baseline, dt, shape, ms, bytes=nbytes,
                           speedup_vs_baseline=base_ms / ms, max_abs_error=errors[backend]))
+    for backend, reason in skipped.items():
+        runner.skip(op, f"sparsevit[{backend}]", backend, dt, shape, reason, baseline)
 
 
 def _gather(runner: Runner, sets: list, dtype: torch.dtype) -> None:
@@ -85,7 +87,7 @@ def _gather(runner: Runner, sets: list, dtype: torch.dtype) -> None:
     b, n, c = x.shape
     k = index.shape[1]
     ref = reference.gather_tokens(x, index)
-    ours, errors = _checked_ours(runner, "gather_tokens", sets, ref,
+    ours, errors, skipped = _checked_ours(runner, "gather_tokens", sets, ref,
                                  lambda x, i, s, src, backend: sparsevit.gather_tokens(x, i, check_index=False, backend=backend))
     nbytes = 2 * b * k * c * x.element_size() + index.numel() * index.element_size()
 
@@ -97,7 +99,7 @@ def _gather(runner: Runner, sets: list, dtype: torch.dtype) -> None:
         return x.reshape(b * n, c).index_select(0, flat).view(b, k, c)
 
     runner.check("index_select baseline", index_select(*sets[0]), ref)
-    _point(runner, "gather_tokens", x, k, dtype, nbytes, "torch.gather", torch_gather, ours, sets, errors)
+    _point(runner, "gather_tokens", x, k, dtype, nbytes, "torch.gather", torch_gather, ours, sets, errors, skipped)
     base_ms = time_ms(rotating(sets, index_select), runner.device)
     runner.add(Record("tokens", "gather_tokens", "index_select", None, None, str(dtype).replace("torch.", ""),
                       {"B": b, "N": n, "C": c, "K": k}, base_ms, bytes=nbytes))
@@ -108,7 +110,7 @@ def _scatter(runner: Runner, sets: list, dtype: torch.dtype) -> None:
     b, n, c = x.shape
     k = index.shape[1]
     ref = reference.scatter_tokens(src, index, x)
-    ours, errors = _checked_ours(
+    ours, errors, skipped = _checked_ours(
         runner, "scatter_tokens", sets, ref,
         lambda x, i, s, src, backend: sparsevit.scatter_tokens(src, i, base=x, check_index=False, backend=backend))
     es = x.element_size()
@@ -117,7 +119,7 @@ def _scatter(runner: Runner, sets: list, dtype: torch.dtype) -> None:
     def torch_scatter(x, i, s, src):
         return x.scatter(1, i.unsqueeze(-1).expand(-1, -1, c), src)
 
-    _point(runner, "scatter_tokens", x, k, dtype, nbytes, "Tensor.scatter", torch_scatter, ours, sets, errors)
+    _point(runner, "scatter_tokens", x, k, dtype, nbytes, "Tensor.scatter", torch_scatter, ours, sets, errors, skipped)
 
 
 def _scatter_add(runner: Runner, sets: list, dtype: torch.dtype) -> None:
@@ -125,7 +127,7 @@ def _scatter_add(runner: Runner, sets: list, dtype: torch.dtype) -> None:
     b, n, c = x.shape
     k = index.shape[1]
     ref = reference.scatter_add_tokens(src, index, n)
-    ours, errors = _checked_ours(
+    ours, errors, skipped = _checked_ours(
         runner, "scatter_add_tokens", sets, ref,
         lambda x, i, s, src, backend: sparsevit.scatter_add_tokens(src, i, n, check_index=False, backend=backend),
         atol=1e-2, rtol=1e-2)
@@ -135,7 +137,7 @@ def _scatter_add(runner: Runner, sets: list, dtype: torch.dtype) -> None:
     def torch_scatter_add(x, i, s, src):
         return torch.zeros_like(x).scatter_add_(1, i.unsqueeze(-1).expand(-1, -1, c), src)
 
-    _point(runner, "scatter_add_tokens", x, k, dtype, nbytes, "Tensor.scatter_add_", torch_scatter_add, ours, sets, errors)
+    _point(runner, "scatter_add_tokens", x, k, dtype, nbytes, "Tensor.scatter_add_", torch_scatter_add, ours, sets, errors, skipped)
 
 
 def _select(runner: Runner, sets: list, dtype: torch.dtype) -> None:
@@ -143,7 +145,7 @@ def _select(runner: Runner, sets: list, dtype: torch.dtype) -> None:
     b, n, c = x.shape
     k = index.shape[1] - 1
     ref_tokens, _ = reference.select_tokens(x, scores, k, 1, "position")
-    ours, errors = _checked_ours(runner, "select_tokens", sets, ref_tokens,
+    ours, errors, skipped = _checked_ours(runner, "select_tokens", sets, ref_tokens,
                                  lambda x, i, s, src, backend: sparsevit.select_tokens(x, s, k, backend=backend)[0])
     nbytes = 2 * b * (k + 1) * c * x.element_size() + scores.numel() * scores.element_size()
 
@@ -152,4 +154,4 @@ def _select(runner: Runner, sets: list, dtype: torch.dtype) -> None:
         idx = torch.cat([torch.zeros(b, 1, dtype=top.dtype, device=top.device), top], 1)
         return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, c))
 
-    _point(runner, "select_tokens", x, k, dtype, nbytes, "topk+gather", topk_gather, ours, sets, errors)
+    _point(runner, "select_tokens", x, k, dtype, nbytes, "topk+gather", topk_gather, ours, sets, errors, skipped)

@@ -23,7 +23,7 @@ from torch import nn
 from ..backend import choose_backend
 from ..block_sparse import BlockSparseMatrix
 from ..layout import BlockSparseLayout
-from ..ops.block_sparse_matmul import BLOCK_SPARSE_SUPPORT, _dds_op
+from ..ops.block_sparse_matmul import BLOCK_SPARSE_SUPPORT, _dds_op, autocast_operands
 
 __all__ = ["BlockSparseLinear"]
 
@@ -127,17 +127,24 @@ class BlockSparseLinear(nn.Module):
         return BlockSparseMatrix(self.weight, self.layout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``y = x Wᵀ + bias``: x (..., in_features) -> (..., out_features)."""
-        if x.shape[-1] != self.in_features:
+        """``y = x Wᵀ + bias``: x (..., in_features) -> (..., out_features).
+
+        Inside a ``torch.autocast`` region x, W and the bias are cast to the region's
+        dtype first, as ``nn.Linear`` does (the weight's gradient stays in its own dtype).
+        """
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor (..., {self.in_features}), got {type(x).__name__}")
+        if x.shape[-1:] != (self.in_features,):
             raise ValueError(f"x must be (..., {self.in_features}), got {tuple(x.shape)}")
-        if x.dtype != self.weight.dtype:
-            raise TypeError(f"x must have the weight's dtype {self.weight.dtype}, got {x.dtype}")
+        x, weight, bias = autocast_operands(x.device, x, self.weight, self.bias)
+        if x.dtype != weight.dtype:
+            raise TypeError(f"x must have the weight's dtype {weight.dtype}, got {x.dtype}")
         a = x if x.dim() >= 2 else x.unsqueeze(0)
         index = [getattr(self, n) for n in _BUFFERS]
-        name = choose_backend(BLOCK_SPARSE_SUPPORT, [a, self.weight], self.backend)
-        y = _dds_op(a, self.weight, index, True, name)  # x @ Wᵀ through the BSR index
-        if self.bias is not None:
-            y = y + self.bias
+        name = choose_backend(BLOCK_SPARSE_SUPPORT, [a, weight], self.backend)
+        y = _dds_op(a, weight, index, True, name)  # x @ Wᵀ through the BSR index
+        if bias is not None:
+            y = y + bias
         return y if x.dim() >= 2 else y.squeeze(0)
 
     # -- conversion -----------------------------------------------------------------

@@ -18,7 +18,7 @@ The gradients are the other two products, so backward is block-sparse as well:
 Transposes (of dense operands as strided views, of sparse ones through the BSC
 index) never copy.  Each product is a ``torch.library`` custom op
 (``torch.ops.sparsevit.dds`` / ``dsd`` / ``sdd``) with a fake kernel and registered
-autograd, on the ``cuda``, ``triton`` and ``torch`` backends.  The layout enters each
+autograd, on the ``cuda``, ``cpp``, ``triton`` and ``torch`` backends.  The layout enters each
 op as its list of index tensors (see :meth:`BlockSparseLayout.index_tensors`).
 
 Inside a ``torch.autocast`` region the public products cast their operands to the
@@ -47,9 +47,11 @@ BLOCK_SPARSE_SUPPORT = OpSupport(
     op="block_sparse_matmul",
     backends={
         "cuda": Support(devices=frozenset({"cuda"})),
+        "cpp": Support(devices=frozenset({"cpu"})),
         "triton": Support(),
         "torch": Support(),
     },
+    preference={"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")},
 )
 
 # index = [row_offsets, col_indices, row_indices, col_offsets, bsc_row_indices, bsc_perm]
@@ -84,6 +86,14 @@ def _rows_3d(t: torch.Tensor) -> torch.Tensor:
         return _batch_3d(t)
 
 
+_NATIVE_BACKENDS = ("cuda", "cpp")
+
+
+def _native(name: str, backend: str):
+    """The op ``torch.ops.sparsevit.{name}_{backend}`` of sparsevit._C (CUDA or C++ CPU kernels)."""
+    return getattr(torch.ops.sparsevit, f"{name}_{backend}")
+
+
 def _triton():
     from ..kernels import block_sparse_matmul
 
@@ -101,8 +111,8 @@ def _dds_impl(a: torch.Tensor, values: torch.Tensor, index: list[torch.Tensor], 
         return reference.dds(a, values, index[_ROW_INDICES], index[_COL_INDICES], (m, k), transposed).contiguous()
     a3 = _rows_3d(a)
     lists = _row_lists(index, not transposed)  # row lists of Bᵀ
-    if backend == "cuda":
-        out = torch.ops.sparsevit.dds_cuda(a3, values.contiguous(), *lists, cols)
+    if backend in _NATIVE_BACKENDS:
+        out = _native("dds", backend)(a3, values.contiguous(), *lists, cols)
     else:
         out = _triton().dds(a3, values.contiguous(), *lists, cols)
     return out.view(*a.shape[:-1], cols)
@@ -116,8 +126,8 @@ def _dsd_impl(values: torch.Tensor, index: list[torch.Tensor], b: torch.Tensor, 
         return reference.dsd(values, index[_ROW_INDICES], index[_COL_INDICES], (m, k), b, transposed).contiguous()
     b3 = _batch_3d(b)
     lists = _row_lists(index, transposed)
-    if backend == "cuda":
-        out = torch.ops.sparsevit.dsd_cuda(values.contiguous(), *lists, b3, rows)
+    if backend in _NATIVE_BACKENDS:
+        out = _native("dsd", backend)(values.contiguous(), *lists, b3, rows)
     else:
         out = _triton().dsd(values.contiguous(), *lists, b3, rows)
     return out.view(*b.shape[:-2], rows, b.shape[-1])
@@ -128,8 +138,8 @@ def _sdd_impl(a: torch.Tensor, b: torch.Tensor, index: list[torch.Tensor], block
     if backend == "torch":
         return reference.sdd(a, b, rows, cols, block_size).contiguous()
     a3, b3 = _batch_3d(a), _batch_3d(b)
-    if backend == "cuda":
-        return torch.ops.sparsevit.sdd_cuda(a3, b3, rows, cols, block_size)
+    if backend in _NATIVE_BACKENDS:
+        return _native("sdd", backend)(a3, b3, rows, cols, block_size)
     return _triton().sdd(a3, b3, rows, cols, block_size)
 
 
@@ -286,7 +296,7 @@ def dds(a: torch.Tensor, b: BlockSparseMatrix, *, backend: Optional[str] = None)
         a: (..., P, Q) float32/float16/bfloat16, any strides (e.g. tokens ``x``).
         b: (Q, N) :class:`BlockSparseMatrix` of the same dtype and device (``W.t()`` for a
             Linear with sparse ``W (N, Q)``: ``x @ Wᵀ`` without a copy).
-        backend: ``"cuda"``, ``"triton"``, ``"torch"`` or None (``SPARSEVIT_BACKEND``, else
+        backend: ``"cuda"``, ``"cpp"``, ``"triton"``, ``"torch"`` or None (``SPARSEVIT_BACKEND``, else
             the fastest available).
 
     Returns:

@@ -98,9 +98,13 @@ def softmax_bwd_impl(
     """``(dP float32, dkeep (B, N) float32)`` on ``backend``, the gradient through the row max included.
 
     ``mw, lam`` are the forward's statistics; the row max, its first index and ``ρ``
-    are found again while the row is read.
+    are found again while the row is read.  The CUDA kernel sums ``dkeep`` with float
+    atomics (order-dependent rounding); under ``torch.use_deterministic_algorithms(True)``
+    a ``keep`` gradient is taken by the closed form in torch instead, which is
+    reproducible bit for bit.
     """
-    if backend == "cuda":
+    deterministic = keep is not None and torch.are_deterministic_algorithms_enabled()
+    if backend == "cuda" and not deterministic:
         return torch.ops.sparsevit.masked_softmax_backward_cuda(grad, scores, keep, mw, lam, eps)
     return reference.masked_softmax_grads(grad, scores, keep, mw, lam, eps)
 

@@ -10,6 +10,7 @@ from torch import nn
 
 from sparsevit import BlockSparseLayout
 from sparsevit.nn import BlockSparseLinear, sparsify_linears
+from sparsevit.ops.block_sparse_matmul import BLOCK_SPARSE_SUPPORT
 from helpers import backend_params, device_for, require_backend
 
 
@@ -17,7 +18,7 @@ def _masked_dense(mod: BlockSparseLinear) -> nn.Linear:
     return mod.to_dense()
 
 
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("backend", backend_params(BLOCK_SPARSE_SUPPORT))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_matches_masked_dense_linear(backend: str, dtype: torch.dtype) -> None:
     """Output and the gradients of x, the kept weights and the bias equal a masked nn.Linear."""
@@ -116,7 +117,7 @@ def test_converter_reports_skips() -> None:
     assert "converted 1" in str(report)
 
 
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("backend", backend_params(BLOCK_SPARSE_SUPPORT))
 def test_trains(backend: str) -> None:
     """A two-layer block-sparse MLP fits a random teacher: the loss falls well below its start."""
     require_backend(backend)
@@ -142,7 +143,7 @@ def test_trains(backend: str) -> None:
     assert losses[-1] < 0.5 * losses[0], losses
 
 
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("backend", backend_params(BLOCK_SPARSE_SUPPORT))
 def test_compile_fullgraph(backend: str) -> None:
     require_backend(backend)
     torch._dynamo.reset()

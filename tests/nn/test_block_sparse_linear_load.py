@@ -218,3 +218,18 @@ def test_failed_submodule_load_inside_a_model() -> None:
     with pytest.raises(RuntimeError, match=r"0\.col_indices"):
         dst.load_state_dict(state)
     _assert_unchanged(dst[0], before)
+
+
+@pytest.mark.parametrize("in_dtype", [torch.float32, torch.bfloat16])
+def test_autocast_matches_nn_linear(in_dtype: torch.dtype) -> None:
+    """Under CPU autocast(bf16) the layer behaves as nn.Linear: bf16 output, fp32 weight grad."""
+    dense = nn.Linear(32, 48)
+    sparse = BlockSparseLinear.from_dense(dense, block_size=16, sparsity=0.0)
+    x = torch.randn(5, 32).to(in_dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = dense(x)
+        got = sparse(x)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+    got.float().sum().backward()
+    assert sparse.weight.grad.dtype == torch.float32

@@ -7,6 +7,7 @@ import torch
 
 import sparsevit
 from sparsevit import BlockSparseLayout, BlockSparseMatrix, reference
+from sparsevit.ops.block_sparse_matmul import BLOCK_SPARSE_SUPPORT
 from helpers import backend_params, device_for, require_backend
 
 
@@ -15,7 +16,7 @@ def _layout(dev: torch.device) -> BlockSparseLayout:
     return BlockSparseLayout.from_mask(mask, 16)  # (32, 48)
 
 
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("backend", backend_params(BLOCK_SPARSE_SUPPORT))
 def test_opcheck(backend: str) -> None:
     require_backend(backend)
     dev = device_for(backend)
@@ -50,7 +51,7 @@ def _reference_model(x: torch.Tensor, values: torch.Tensor, layout: BlockSparseL
 COMPILERS = ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)]
 
 
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("backend", backend_params(BLOCK_SPARSE_SUPPORT))
 @pytest.mark.parametrize("compiler", COMPILERS)
 def test_compile_fullgraph(backend: str, compiler: str) -> None:
     require_backend(backend)

@@ -14,6 +14,7 @@ import torch
 
 import sparsevit
 from sparsevit import BlockSparseLayout, BlockSparseMatrix, reference
+from sparsevit.ops.block_sparse_matmul import BLOCK_SPARSE_SUPPORT
 from helpers import DTYPES, backend_params, device_for, require_backend, tolerances
 
 BS = 16
@@ -77,7 +78,7 @@ def _dense_mask(layout: BlockSparseLayout) -> torch.Tensor:
     return layout.to_mask().repeat_interleave(b, 0).repeat_interleave(b, 1)
 
 
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("backend", backend_params(BLOCK_SPARSE_SUPPORT))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("transposed", [False, True], ids=["B=S", "B=St"])
 def test_dds(backend: str, dtype: torch.dtype, transposed: bool) -> None:
@@ -99,7 +100,7 @@ def test_dds(backend: str, dtype: torch.dtype, transposed: bool) -> None:
     _run_case(op, ref, [a, values], dtype)
 
 
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("backend", backend_params(BLOCK_SPARSE_SUPPORT))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("transposed", [False, True], ids=["A=S", "A=St"])
 def test_dsd(backend: str, dtype: torch.dtype, transposed: bool) -> None:
@@ -121,7 +122,7 @@ def test_dsd(backend: str, dtype: torch.dtype, transposed: bool) -> None:
     _run_case(op, ref, [values, b], dtype)
 
 
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("backend", backend_params(BLOCK_SPARSE_SUPPORT))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_sdd(backend: str, dtype: torch.dtype) -> None:
     require_backend(backend)
@@ -140,7 +141,7 @@ def test_sdd(backend: str, dtype: torch.dtype) -> None:
     _run_case(op, ref, [a, b], dtype)
 
 
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("backend", backend_params(BLOCK_SPARSE_SUPPORT))
 @pytest.mark.parametrize("kind", ["dense", "empty", "single"])
 def test_special_layouts(backend: str, kind: str) -> None:
     """Sparsity 0 and 1 and a single block, through all three products (fp32)."""
@@ -168,7 +169,7 @@ def test_special_layouts(backend: str, kind: str) -> None:
         assert out[:, zero_cols].abs().max().item() == 0
 
 
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("backend", backend_params(BLOCK_SPARSE_SUPPORT))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_block_size_32(backend: str, dtype: torch.dtype) -> None:
     """A larger block (several tiles per block under the interpreter's config)."""
