@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime
 import os
+import sys
 
 import pytest
 import torch
@@ -18,13 +20,27 @@ def _flat_masks(alg) -> torch.Tensor:
 
 
 def _worker(rank: int, init_file: str) -> None:
+    """Run every scenario; on success leave without the interpreter's teardown.
+
+    A failure raises as usual (``mp.spawn`` reports its traceback).  After a success
+    both ranks meet at a barrier, destroy the group and ``os._exit(0)``: gloo's worker
+    threads can otherwise abort the process during interpreter finalisation
+    ("terminate called without an active exception", SIGABRT) after the test passed.
+    """
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=300))
     try:
         for cls_name, granularity in (("RigL", "element"), ("SET", "block"), ("RigL", "block")):
             _scenario(rank, cls_name, granularity)
-    finally:
+        dist.barrier()
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _scenario(rank: int, cls_name: str, granularity: str) -> None:
