@@ -50,9 +50,14 @@ class TimedMs(float):
         return obj
 
 
-def time_ms(fn: Callable[[], Any], device: torch.device, *, min_time_s: float = 0.2, max_reps: int = 200) -> TimedMs:
-    """Median milliseconds of ``fn()`` on ``device`` (do_bench on GPU, wall clock on CPU), with its spread."""
-    return TimedMs(measure(fn, device, min_time_s=min_time_s, max_reps=max_reps))
+def time_ms(fn: Callable[[], Any], device: torch.device, *, min_time_s: float = 0.2, max_reps: int = 200,
+            warmup: int = 3, min_reps: int = 5) -> TimedMs:
+    """Median milliseconds of ``fn()`` on ``device`` (do_bench on GPU, wall clock on CPU), with its spread.
+
+    ``warmup`` and ``min_reps`` apply to the CPU clock (at least ``min_reps`` samples and
+    ``min_time_s`` seconds, at most ``max_reps``).
+    """
+    return TimedMs(measure(fn, device, min_time_s=min_time_s, max_reps=max_reps, warmup=warmup, min_reps=min_reps))
 
 
 def timed_samples(samples_ms: Sequence[float]) -> TimedMs:

@@ -1,9 +1,13 @@
 """Suite ``blocksparse``: a block-sparse Linear, forward and forward+backward.
 
-ViT MLP shapes (ViT-B 768<->3072, ViT-L 1024<->4096) with M = batch x 197 tokens,
-block sizes 32/64/128 and sparsity 0/50/75/90/95%, against -- in the same run --
-dense ``F.linear`` (cuBLAS), PyTorch's BSR path (a ``to_sparse_bsr`` weight with
-``F.linear``, forward only) and stk (``stanford-stk``, block 128) when installed.
+GPU: ViT MLP shapes (ViT-B 768<->3072, ViT-L 1024<->4096) with M = batch x 197 tokens
+(batch 64, 256), block sizes 32/64/128.  CPU: ViT-S and ViT-B MLP shapes (384<->1536,
+768<->3072) at batch 1, 16, 64, block sizes 16/32/64.  Sparsity 0/50/75/90/95%, against
+-- in the same run -- dense ``F.linear`` (cuBLAS; MKL/oneDNN on the CPU), PyTorch's BSR
+path (a ``to_sparse_bsr`` weight with ``F.linear``, forward only), every requested
+sparsevit backend (default: cuda/triton/torch on a GPU, cpp/torch on the CPU) and stk
+(``stanford-stk``, block 128, GPU) when installed.  Calls over half a second (the
+largest CPU points) are sampled 3 times after one warm-up, the rest at least 5 times.
 
 Each record carries the FLOPs of the nonzero work (``2 M K N · density``, x3 for
 forward+backward), the minimal bytes (x, the kept weight blocks and y, each once;
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import Callable, Optional
 
 import torch
@@ -43,8 +48,11 @@ SPARSITIES = (0.0, 0.5, 0.75, 0.9, 0.95)
 def _points(runner: Runner) -> list[tuple[int, int, int, int, float]]:
     """(batch, in_features, out_features, block_size, sparsity)."""
     if runner.device.type != "cuda":
-        shapes, batches, blocks = [(128, 256)], [2], [32]
-        sparsities = (0.5, 0.9) if runner.quick else SPARSITIES
+        if runner.quick:
+            shapes, batches, blocks, sparsities = [(128, 256)], [2], [32], (0.5, 0.9)
+        else:  # ViT-S and ViT-B MLP shapes, both directions
+            shapes = [(384, 1536), (1536, 384), (768, 3072), (3072, 768)]
+            batches, blocks, sparsities = [1, 16, 64], [16, 32, 64], SPARSITIES
     elif runner.quick:
         shapes, batches, blocks, sparsities = [(768, 3072)], [64], [64], (0.5, 0.9)
     else:
@@ -136,9 +144,11 @@ def _point(runner: Runner, batch: int, fin: int, fout: int, bs: int, sparsity: f
             print(f"blocksparse: {name} failed at {shape} {dt}: {type(exc).__name__}: {exc}")
             continue
         err = runner.check(f"{name} {shape} {dt}", out.to(dtype), ref, **tol)
-        timings["fwd"][name] = (time_ms(rotating(sets, lambda x, dy, f=fwd: _no_grad(f, x, dy)), dev), err)
+        call = rotating(sets, lambda x, dy, f=fwd: _no_grad(f, x, dy))
+        timings["fwd"][name] = (time_ms(call, dev, **_reps(call, dev)), err)
         if train is not None:
-            timings["fwd+bwd"][name] = (time_ms(rotating(sets, lambda x, dy, f=train: _train_step(f, x, dy)), dev), err)
+            step = rotating(sets, lambda x, dy, f=train: _train_step(f, x, dy))
+            timings["fwd+bwd"][name] = (time_ms(step, dev, **_reps(step, dev)), err)
 
     for op, flops, nbytes in (("linear_fwd", fwd_flops, fwd_bytes), ("linear_fwd_bwd", 3 * fwd_flops, bwd_bytes)):
         group = timings["fwd" if op == "linear_fwd" else "fwd+bwd"]
@@ -162,6 +172,15 @@ def _point(runner: Runner, batch: int, fin: int, fout: int, bs: int, sparsity: f
             runner.skip(op, f"sparsevit[{backend}]", backend, dt, shape, reason, "F.linear")
 
 
+def _reps(fn: Callable[[], object], dev: torch.device) -> dict:
+    """Fewer warm-up calls and samples for calls over half a second (large CPU points), else the defaults."""
+    if dev.type == "cuda":
+        return {}
+    start = time.perf_counter()
+    fn()
+    return dict(warmup=1, min_reps=3) if time.perf_counter() - start > 0.5 else {}
+
+
 def _no_grad(fn: Callable, x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return fn(x, dy)
@@ -181,9 +200,7 @@ def _roofline_ms(runner: Runner, flops: float, nbytes: float) -> float:
 
 
 def _bsr_impl(masked: torch.Tensor, bs: int) -> Optional[Callable]:
-    """PyTorch's BSR weight with ``F.linear`` (its Triton kernel on CUDA), forward only."""
-    if masked.device.type != "cuda":
-        return None
+    """PyTorch's BSR weight with ``F.linear`` (its Triton kernel on CUDA, MKL/ATen on the CPU), forward only."""
     try:
         w = masked.detach().to_sparse_bsr((bs, bs))
         F.linear(torch.zeros(1, masked.shape[1], device=masked.device, dtype=masked.dtype), w)
