@@ -235,7 +235,20 @@ def backend_table() -> str:
     return "\n".join(lines)
 
 
-def backends() -> list[BackendStatus]:
-    """Print :func:`backend_table` and return :func:`backend_status`."""
+class BackendStatusList(list):
+    """The list :func:`backends` returns: :class:`BackendStatus` items, a one-line ``repr``.
+
+    The table is printed already; a REPL then shows ``<backends: cpp, torch on cpu; none on cuda>``
+    instead of the whole list again.
+    """
+
+    def __repr__(self) -> str:
+        cpu = ", ".join(st.name for st in self if st.cpu is None) or "none"
+        cuda = ", ".join(st.name for st in self if st.cuda is None) or "none"
+        return f"<backends: {cpu} on cpu; {cuda} on cuda>"
+
+
+def backends() -> BackendStatusList:
+    """Print :func:`backend_table` and return :func:`backend_status` (a list with a one-line repr)."""
     print(backend_table())
-    return backend_status()
+    return BackendStatusList(backend_status())

@@ -64,3 +64,13 @@ def test_table_names_every_backend(capsys: pytest.CaptureFixture) -> None:
     torch_row = [s for s in backend_status() if s.name == "torch"][0]
     assert torch_row.cpu is None
     assert [s for s in backend_status() if s.name == "triton"][0].cpu is None  # interpreter on in tests
+
+
+def test_backends_repr_is_one_line(capsys: pytest.CaptureFixture) -> None:
+    status = sparsevit.backends()
+    capsys.readouterr()
+    text = repr(status)
+    assert "\n" not in text and text.startswith("<backends: ") and "torch" in text
+    available_cpu = [s.name for s in status if s.cpu is None]
+    assert text.split(";")[0] == "<backends: " + ", ".join(available_cpu) + " on cpu"
+    assert isinstance(status, list) and len(status) == len(sparsevit.BACKENDS)

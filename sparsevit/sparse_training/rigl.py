@@ -145,7 +145,16 @@ class DynamicSparseTraining:
 
     # ------------------------------------------------------------------ steps
     def step(self) -> bool:
-        """Advance one training step (call after ``optimizer.step()``); returns True when masks changed."""
+        """Advance one training step (call after ``optimizer.step()``); returns True when masks changed.
+
+        Raises RuntimeError once the manager holds no layer (e.g. every one was converted
+        by :func:`~sparsevit.sparse_training.to_block_sparse`): stepping would do nothing.
+        """
+        if not self.manager.layers:
+            raise RuntimeError(
+                f"{type(self).__name__}.step(): the mask manager holds no layer any more (to_block_sparse converted "
+                "them, or they were released), so there is nothing to update: stop calling step(), the "
+                "converted layers keep their fixed block pattern")
         self.t += 1
         updated = False
         if self.is_update_step(self.t):

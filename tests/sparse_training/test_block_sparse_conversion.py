@@ -95,3 +95,73 @@ def test_training_on_block_sparse_kernels_matches_masked_dense() -> None:
         mask = runs[1][2].manager.layers[name].mask
         assert torch.equal(layer.current_layout().to_mask(), mask)
         assert torch.equal(mask, runs[0][2].manager.layers[name].mask)  # same decisions as the dense-masked run
+
+
+def _rigl_run(seed: int = 0):
+    model = tiny_vit(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05)
+    rigl = RigL(model, opt, 0.75, delta_t=2, t_end=4, granularity="block", block_size=16, distribution="uniform")
+    for step in range(5):  # past t_end: the masks are final
+        train_step(model, opt, step)
+        rigl.step()
+    return model, opt, rigl
+
+
+def test_conversion_moves_the_optimizer_and_training_continues_exactly() -> None:
+    import copy
+
+    model, opt, rigl = _rigl_run()
+    twin, twin_opt = copy.deepcopy((model, opt))  # the masked dense run, continued with the same masks
+    twin_masks = {n: layer.element_mask.clone() for n, layer in rigl.manager.layers.items()}
+    report = to_block_sparse(model, rigl.manager)  # the optimizer attached by RigL is updated
+    assert report.converted and report.optimizer_updated and "holds the new parameters" in str(report)
+    held = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert {id(p) for p in model.parameters()} == held  # exactly the live parameters, no stale ones
+    first = model.get_submodule(report.converted[0][0])
+    assert opt.state[first.weight]["exp_avg"].shape == first.weight.shape
+    with pytest.raises(RuntimeError, match="holds no layer"):
+        rigl.step()  # every layer converted: stepping would silently do nothing
+    for step in range(5, 8):
+        x, y = batch(step)
+        losses = []
+        for m, o in ((model, opt), (twin, twin_opt)):
+            o.zero_grad(set_to_none=True)
+            loss = nn.functional.cross_entropy(m(x), y)
+            loss.backward()
+            o.step()
+            losses.append(float(loss.detach()))
+        with torch.no_grad():
+            for name, mask in twin_masks.items():
+                w = twin.get_submodule(name).weight
+                w.mul_(mask.to(w.dtype))
+        assert losses[0] == pytest.approx(losses[1], rel=1e-5, abs=1e-6)
+    for name, _ in report.converted:
+        torch.testing.assert_close(model.get_submodule(name).to_dense().weight, twin.get_submodule(name).weight,
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_conversion_without_an_optimizer_warns_in_training_mode_only() -> None:
+    model = tiny_vit()
+    manager = MaskManager(model, 0.5, granularity="block", block_size=16, distribution="uniform")
+    with pytest.warns(UserWarning, match="no optimizer holds"):
+        report = to_block_sparse(model.train(), manager)
+    assert report.converted and not report.optimizer_updated and "none updated" in str(report)
+    model = tiny_vit()
+    manager = MaskManager(model, 0.5, granularity="block", block_size=16, distribution="uniform")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        to_block_sparse(model.eval(), manager)  # for inference: nothing to warn about
+
+
+def test_an_optimizer_missing_the_layers_is_refused_before_anything_changes() -> None:
+    model = tiny_vit()
+    manager = MaskManager(model, 0.5, granularity="block", block_size=16, distribution="uniform")
+    other = torch.optim.SGD(tiny_vit(1).parameters(), lr=0.1)
+    before = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match="optimizer does not hold"):
+        to_block_sparse(model, manager, optimizer=other)
+    assert [type(m) for m in model.modules()] == before and manager.layers
+    with pytest.raises(TypeError, match="optimizer must be"):
+        to_block_sparse(model, manager, optimizer="adam")
