@@ -8,8 +8,10 @@ Quick start::
     w = sparsevit.BlockSparseMatrix.from_dense(weight, block_size=64, sparsity=0.75)
     y = sparsevit.dds(x, w.t())               # x @ Wᵀ on the kept blocks only
 
-The optional CUDA extension (``sparsevit._C``) is loaded first so that its ops are
-registered before the Python custom ops of the same namespace.
+The optional C++ extension (``sparsevit._C``: CPU kernels wherever a compiler was found,
+CUDA kernels where a toolkit was) is loaded first so that its ops are registered before
+the Python custom ops of the same namespace.  timm is imported only when a model
+integration needs it.
 """
 
 from ._extension import SparseVitExtensionWarning, extension_loaded  # noqa: I001  (load _C first)

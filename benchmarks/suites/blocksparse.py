@@ -1,13 +1,15 @@
 """Suite ``blocksparse``: a block-sparse Linear, forward and forward+backward.
 
 GPU: ViT MLP shapes (ViT-B 768<->3072, ViT-L 1024<->4096) with M = batch x 197 tokens
-(batch 64, 256), block sizes 32/64/128.  CPU: ViT-S and ViT-B MLP shapes (384<->1536,
-768<->3072) at batch 1, 16, 64, block sizes 16/32/64.  Sparsity 0/50/75/90/95%, against
+(batch 64, 256), block sizes 32/64/128.  CPU: ViT-S MLP shapes (384<->1536) at batch 16, 1
+and 64 and ViT-B's (768<->3072) at batch 16 and 1 (a 2-core machine needs hours for
+ViT-B at batch 64), block sizes 16/32/64.  Sparsity 0/50/75/90/95%, against
 -- in the same run -- dense ``F.linear`` (cuBLAS; MKL/oneDNN on the CPU), PyTorch's BSR
 path (a ``to_sparse_bsr`` weight with ``F.linear``, forward only), every requested
 sparsevit backend (default: cuda/triton/torch on a GPU, cpp/torch on the CPU) and stk
 (``stanford-stk``, block 128, GPU) when installed.  Calls over half a second (the
-largest CPU points) are sampled 3 times after one warm-up, the rest at least 5 times.
+largest CPU points: over 0.2 s) are sampled 3 times after one warm-up, the rest at least
+5 times for at least 0.2 s.
 
 Each record carries the FLOPs of the nonzero work (``2 M K N · density``, x3 for
 forward+backward), the minimal bytes (x, the kept weight blocks and y, each once;
@@ -50,9 +52,12 @@ def _points(runner: Runner) -> list[tuple[int, int, int, int, float]]:
     if runner.device.type != "cuda":
         if runner.quick:
             shapes, batches, blocks, sparsities = [(128, 256)], [2], [32], (0.5, 0.9)
-        else:  # ViT-S and ViT-B MLP shapes, both directions
-            shapes = [(384, 1536), (1536, 384), (768, 3072), (3072, 768)]
-            batches, blocks, sparsities = [1, 16, 64], [16, 32, 64], SPARSITIES
+        else:  # ViT-S MLP shapes at batch 16/1/64, ViT-B's at batch 16/1 (hours more at batch 64 on 2 cores)
+            small = [(b, i, o, bs, s) for (i, o) in [(384, 1536), (1536, 384)] for b in (16, 1, 64)
+                     for bs in (16, 32, 64) for s in SPARSITIES]
+            large = [(b, i, o, bs, s) for (i, o) in [(768, 3072), (3072, 768)] for b in (16, 1)
+                     for bs in (16, 32, 64) for s in SPARSITIES]
+            return small + large
     elif runner.quick:
         shapes, batches, blocks, sparsities = [(768, 3072)], [64], [64], (0.5, 0.9)
     else:
@@ -173,12 +178,12 @@ def _point(runner: Runner, batch: int, fin: int, fout: int, bs: int, sparsity: f
 
 
 def _reps(fn: Callable[[], object], dev: torch.device) -> dict:
-    """Fewer warm-up calls and samples for calls over half a second (large CPU points), else the defaults."""
+    """Fewer warm-up calls and samples for calls over 0.2 s (large CPU points), else the defaults."""
     if dev.type == "cuda":
         return {}
     start = time.perf_counter()
     fn()
-    return dict(warmup=1, min_reps=3) if time.perf_counter() - start > 0.5 else {}
+    return dict(warmup=1, min_reps=3, min_time_s=0.0) if time.perf_counter() - start > 0.2 else {}
 
 
 def _no_grad(fn: Callable, x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:

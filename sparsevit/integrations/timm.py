@@ -41,8 +41,17 @@ class PatchReport:
 
 
 def _looks_like_attention(module: nn.Module) -> bool:
+    """An attention module by its class name; a block (``LayerScaleBlockClassAttn``) is not one."""
     name = type(module).__name__.lower()
-    return "attention" in name or name.endswith("attn")
+    return ("attention" in name or name.endswith("attn")) and "block" not in name
+
+
+def _is_inline_attention_block(module: nn.Module) -> bool:
+    """A block that computes attention inside its own forward (timm's ``ParallelScalingBlock``:
+    one fused projection for q, k, v and the MLP), with no attention submodule to swap."""
+    return (type(module).__name__.endswith("Block") and hasattr(module, "num_heads")
+            and not any(isinstance(c, (Attention, MaskedAttention)) or _looks_like_attention(c) for c in module.modules()
+                        if c is not module))
 
 
 def _skip_reason(module: nn.Module) -> str:
@@ -51,9 +60,12 @@ def _skip_reason(module: nn.Module) -> str:
         return f"{cls.__module__}.{cls.__name__} subclasses timm Attention with its own forward; not supported"
     hints = []
     for attr, what in (("rope", "rotary position embedding"), ("window_size", "windowed attention"),
-                       ("relative_position_bias_table", "relative position bias"), ("pool", "pooled attention")):
-        if hasattr(module, attr):
+                       ("relative_position_bias_table", "relative position bias"), ("rel_pos_h", "decomposed relative position"),
+                       ("pool", "pooled attention")):
+        if getattr(module, attr, None) is not None:  # an attribute set to None (SAM's rope) is not a feature
             hints.append(what)
+    if "rope" in cls.__name__.lower() and "rotary position embedding" not in hints:
+        hints.append("rotary position embedding, passed to forward")
     detail = f" ({', '.join(hints)})" if hints else ""
     return f"{cls.__module__}.{cls.__name__}{detail} is not timm.layers.Attention; not supported"
 
@@ -86,6 +98,11 @@ def patch_attention(model: nn.Module, *, eps: float = 1e-6, verbose: bool = Fals
                 report.swapped.append(full)
             elif _looks_like_attention(child):
                 report.skipped.append((full, _skip_reason(child)))
+            elif _is_inline_attention_block(child):
+                cls = type(child)
+                report.skipped.append((full, f"{cls.__module__}.{cls.__name__} computes its attention inside the block "
+                                             "(parallel attention + MLP, fused projections): no Attention module to swap; "
+                                             "not supported"))
     if type(model) is Attention:
         report.skipped.append(("<root>", "the model itself is an Attention; wrap it or use MaskedAttention.from_attention"))
     model.sparsevit_patch_report = report

@@ -51,6 +51,26 @@ class DynamicViTOutput:
     num_prefix: int = 1
 
 
+def _check_blocks(vit: VisionTransformer, first: int) -> None:
+    """Every block from ``first`` on must hold timm's ``Attention`` (or MaskedAttention) at ``.attn``.
+
+    Raises TypeError naming the first block that does not, before the model is touched.
+    """
+    from timm.layers import Attention
+
+    for i, blk in enumerate(vit.blocks):
+        if i < first:
+            continue
+        attn = getattr(blk, "attn", None)
+        if isinstance(attn, MaskedAttention) or type(attn) is Attention:
+            continue
+        cls = type(blk)
+        what = (f"its .attn is {type(attn).__module__}.{type(attn).__name__}" if attn is not None else
+                "it has no .attn (attention computed inside the block, e.g. parallel attention + MLP)")
+        raise TypeError(f"DynamicViT: block {i} ({cls.__module__}.{cls.__name__}) cannot take a keep mask: {what}; "
+                        "supported: blocks whose .attn is timm.layers.Attention (Block, ResPostBlock, ...)")
+
+
 class DynamicViT(nn.Module):
     """A timm ``VisionTransformer`` with DynamicViT token sparsification.
 
@@ -87,10 +107,8 @@ class DynamicViT(nn.Module):
             raise ValueError(f"prune_at must be strictly increasing block indices in [1, {depth}), got {prune_at}")
         if not tau > 0:
             raise ValueError(f"tau must be > 0, got {tau}")
+        _check_blocks(vit, prune_at[0])  # before anything is changed
         patch_attention(vit)
-        for i, blk in enumerate(vit.blocks):
-            if i >= prune_at[0] and not isinstance(blk.attn, MaskedAttention):
-                raise TypeError(f"block {i} attention ({type(blk.attn).__name__}) cannot take a keep mask")
         self.vit = vit
         self.keep_ratio = float(keep_ratio)
         self.prune_at = prune_at
@@ -111,6 +129,9 @@ class DynamicViT(nn.Module):
 
     def forward(self, images: torch.Tensor, return_index: bool = False):
         if self.training:
+            if return_index:
+                raise ValueError("return_index=True needs eval mode (model.eval()): in training no token is dropped, "
+                                 "the decisions are in the output's .decisions")
             return self.forward_train(images)
         return self.forward_infer(images, return_index=return_index)
 

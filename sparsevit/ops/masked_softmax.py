@@ -53,7 +53,11 @@ def check_keep(keep: object, b: int, n: int, like: torch.Tensor, like_name: str)
     keep = check_tensor("keep", keep, 2, "(B, N)")
     check_same_device([(like_name, like), ("keep", keep)])
     if tuple(keep.shape) != (b, n):
-        raise ValueError(f"keep must be (B, N) = ({b}, {n}) to match {like_name}, got shape {tuple(keep.shape)}")
+        hint = ""
+        if like.dim() == 4 and keep.shape[0] == b and keep.shape[1] == like.shape[1] != n:
+            hint = (f"; keep's N={keep.shape[1]} matches dim 1 of {like_name} {tuple(like.shape)}: is {like_name} "
+                    f"(B, N, H, D)? The layout is (B, H, N, D): use {like_name}.transpose(1, 2)")
+        raise ValueError(f"keep must be (B, N) = ({b}, {n}) to match {like_name}, got shape {tuple(keep.shape)}{hint}")
     if keep.dtype == torch.bool:
         return keep.to(torch.float32)
     if keep.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):

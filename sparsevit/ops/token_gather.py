@@ -22,6 +22,8 @@ traces through it.  The backend (``cuda``, ``triton``, ``torch``) is chosen by
 
 from __future__ import annotations
 
+import numbers
+
 from typing import Optional
 
 import torch
@@ -344,8 +346,10 @@ def scatter_add_tokens(
 def select_tokens(
     x: torch.Tensor,
     scores: torch.Tensor,
-    keep: "int | float",
+    keep: "int | float | None" = None,
     *,
+    keep_count: Optional[int] = None,
+    keep_ratio: Optional[float] = None,
     num_prefix: int = 1,
     order: str = "position",
     backend: Optional[str] = None,
@@ -361,10 +365,15 @@ def select_tokens(
         scores: (B, M) scores of the non-prefix tokens, or (B, N) of all tokens (the
             prefix entries are then ignored).  Higher is kept.  No gradient flows to
             ``scores`` (the choice is discrete).
-        keep: number of non-prefix tokens to keep (int in ``[0, M]``), or a fraction
-            in ``(0, 1]`` giving ``⌈keep · M⌉`` (DynamicViT's ⌈ρ·N⌉), rounded exactly on
-            the decimal written (``0.28`` of 25 keeps 7; see
-            :func:`sparsevit.rounding.ceil_fraction`).
+        keep: number of non-prefix tokens to keep (an int in ``[0, M]``), or a fraction
+            (a float in ``[0, 1]``) giving ``⌈keep · M⌉`` (DynamicViT's ⌈ρ·N⌉), rounded
+            exactly on the decimal written (``0.28`` of 25 keeps 7; see
+            :func:`sparsevit.rounding.ceil_fraction`).  The type decides: ``1`` keeps one
+            token, ``1.0`` all of them.  To say which without relying on the type, give
+            ``keep_count=`` or ``keep_ratio=`` instead: exactly one of the three.
+        keep_count: number of non-prefix tokens to keep (int in ``[0, M]``).
+        keep_ratio: fraction of the non-prefix tokens to keep (in ``[0, 1]``; an int 0 or 1
+            is read as 0.0 or 1.0 here).
         num_prefix: leading tokens always kept.
         order: ``"position"`` (default): kept tokens in ascending position, friendly
             to positional logic; ``"score"``: descending score, as in DynamicViT.
@@ -389,7 +398,7 @@ def select_tokens(
         raise ValueError(f"scores must be (B, {m}) or (B, {n}) for x of shape {tuple(x.shape)}, got {tuple(scores.shape)}")
     if scores.shape[1] == n and num_prefix:
         scores = scores[:, num_prefix:]
-    count = _keep_count(keep, m)
+    count = _keep_count(keep, keep_count, keep_ratio, m)
     if order not in ("position", "score"):
         raise ValueError(f"order must be 'position' or 'score', got {order!r}")
     index = reference.select_index(scores.detach(), count, num_prefix, order)
@@ -397,13 +406,30 @@ def select_tokens(
     return _gather_op(x, index, name), index
 
 
-def _keep_count(keep: object, m: int) -> int:
-    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
-        raise TypeError(f"keep must be an int count or a float fraction, got {type(keep).__name__}")
-    if isinstance(keep, float):
-        if not 0.0 < keep <= 1.0:
-            raise ValueError(f"keep as a fraction must lie in (0, 1], got {keep}")
-        return min(m, ceil_fraction(keep, m))
-    if not 0 <= keep <= m:
-        raise ValueError(f"keep must lie in [0, {m}] (tokens available after the prefix), got {keep}")
-    return keep
+def _keep_count(keep: object, keep_count: object, keep_ratio: object, m: int) -> int:
+    """The number of non-prefix tokens to keep, from exactly one of the three arguments."""
+    given = [name for name, v in (("keep", keep), ("keep_count", keep_count), ("keep_ratio", keep_ratio)) if v is not None]
+    if len(given) != 1:
+        raise TypeError(f"give exactly one of keep, keep_count, keep_ratio; got {', '.join(given) or 'none'}")
+    if keep_ratio is not None:
+        if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, numbers.Real):
+            raise TypeError(f"keep_ratio must be a float fraction, got {type(keep_ratio).__name__}")
+        return _ratio_count("keep_ratio", float(keep_ratio), m)
+    name, value = ("keep_count", keep_count) if keep_count is not None else ("keep", keep)
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, numbers.Real)):
+        expected = "an int count" if name == "keep_count" else "an int count or a float fraction"
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__}")
+    if not isinstance(value, numbers.Integral):
+        if name == "keep_count":
+            raise TypeError(f"keep_count must be an int, got {type(value).__name__} {value!r} (a fraction: keep_ratio=)")
+        return _ratio_count(name, float(value), m)
+    value = int(value)
+    if not 0 <= value <= m:
+        raise ValueError(f"{name} must lie in [0, {m}] (tokens available after the prefix), got {value}")
+    return value
+
+
+def _ratio_count(name: str, ratio: float, m: int) -> int:
+    if not 0.0 <= ratio <= 1.0:  # also refuses NaN
+        raise ValueError(f"{name} as a fraction must lie in [0, 1], got {ratio}")
+    return min(m, ceil_fraction(ratio, m))

@@ -21,6 +21,7 @@ from .loop import accuracy, fit
 from .masks import BLOCK_SIZES, GRANULARITIES, MaskedWeight, MaskManager, default_filter, reset_optimizer_state
 from .rigl import SET, DynamicSparseTraining, RigL, StaticSparse, cosine_drop_fraction
 from .supermask import SupermaskLayer, convert_to_supermask, supermask_layers, topk_straight_through
+from .ticket_apply import apply_ticket
 from .tickets import load_ticket, save_ticket
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "fit",
     "layer_densities",
     "load_ticket",
+    "apply_ticket",
     "reset_optimizer_state",
     "save_ticket",
     "supermask_layers",

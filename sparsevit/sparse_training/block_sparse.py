@@ -46,11 +46,13 @@ class BlockSparseReport:
     converted: list = field(default_factory=list)  # (name, density)
     skipped: list = field(default_factory=list)  # (name, reason)
     optimizer_updated: bool = False  # the new parameters replaced the old ones in an optimizer
+    target: str = "BlockSparseLinear"  # what the converted layers became
+    new_parameters: bool = True  # False: the layers keep their parameters (train_block_sparse)
 
     def __str__(self) -> str:
-        lines = [f"converted {len(self.converted)} layer(s) to BlockSparseLinear"]
+        lines = [f"converted {len(self.converted)} layer(s) to {self.target}"]
         lines += [f"  {name}: density {density:.3f}" for name, density in self.converted]
-        if self.converted:
+        if self.converted and self.new_parameters:
             lines.append("optimizer: holds the new parameters (state packed to the kept blocks)" if self.optimizer_updated
                          else "optimizer: none updated; build one over model.parameters() before training on")
         if self.skipped:

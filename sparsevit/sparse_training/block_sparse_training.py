@@ -86,7 +86,7 @@ def train_block_sparse(manager: MaskManager, backend: Optional[str] = None) -> B
     """
     if not isinstance(manager, MaskManager):
         raise TypeError(f"manager must be a MaskManager, got {type(manager).__name__}")
-    report = BlockSparseReport()
+    report = BlockSparseReport(target="BlockSparseTrainedLinear", new_parameters=False)
     for name, layer in manager.layers.items():
         module = layer.module
         if layer.block_size is None:

@@ -21,6 +21,7 @@ their own loop (``on_step``, ``prune``, ``rewind``) or call :meth:`run`.
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Any, Callable, Mapping, Optional
 
 import torch
@@ -30,6 +31,8 @@ from .masks import LayerFilter, MaskManager, topk_mask
 from .tickets import save_ticket
 
 __all__ = ["LotteryTicket"]
+
+logger = logging.getLogger("sparsevit.sparse_training")
 
 SCOPES = ("global", "layer")
 
@@ -52,6 +55,7 @@ class LotteryTicket:
         block_size: Optional[int] = None,
         rewind_step: int = 0,
         filter: Optional[LayerFilter] = None,
+        filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
     ):
         if isinstance(prune_fraction, bool) or not isinstance(prune_fraction, (int, float)):
             raise TypeError(f"prune_fraction must be a float in (0, 1), got {type(prune_fraction).__name__}")
@@ -66,7 +70,8 @@ class LotteryTicket:
         self.scope = scope
         self.rewind_step = rewind_step
         self.manager = MaskManager(
-            model, 0.0, distribution="uniform", granularity=granularity, block_size=block_size, filter=filter, init="dense"
+            model, 0.0, distribution="uniform", granularity=granularity, block_size=block_size, filter=filter,
+            filter_fn=filter_fn, init="dense"
         )
         self.rewind_state: Optional[dict[str, torch.Tensor]] = None
         self.history: list[dict[str, Any]] = []
@@ -182,16 +187,26 @@ class LotteryTicket:
         self.manager._install_masks(checked)
         self.manager.apply_masks()
 
-    def run(self, train: Callable[[nn.Module, "LotteryTicket"], Mapping[str, float]], rounds: int) -> list[dict]:
+    def run(self, train: Callable[[nn.Module, "LotteryTicket"], Mapping[str, float]], rounds: int,
+            progress: Optional[Callable[[int, int, dict], None]] = None) -> list[dict]:
         """The built-in IMP loop: ``rounds + 1`` trainings, pruning and rewinding in between.
 
         ``train(model, ticket)`` trains one round (calling ``ticket.attach(opt)`` and
-        ``ticket.on_step(t)``) and returns its metrics, recorded per round.
+        ``ticket.on_step(t)``) and returns its metrics, recorded per round.  After each
+        round, ``progress(round, rounds + 1, record)`` (if given) is called and the round
+        is logged at INFO level on the ``sparsevit.sparse_training`` logger.
         """
         if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
             raise ValueError(f"rounds must be an int >= 0, got {rounds!r}")
+        if progress is not None and not callable(progress):
+            raise TypeError(f"progress must be a callable (round, total, record), got {type(progress).__name__}")
         for r in range(rounds + 1):
             self.record(**train(self.model, self))
+            record = self.history[-1]
+            logger.info("LotteryTicket round %d/%d: sparsity %.4f, metrics %s", r + 1, rounds + 1,
+                        self.manager.total_sparsity(), record.get("metrics", {}))
+            if progress is not None:
+                progress(r + 1, rounds + 1, dict(record))
             if r < rounds:
                 self.prune()
                 self.rewind()

@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..layer_filters import SKIP_NAMES, LayerFilter, default_filter, resolve_filter  # noqa: F401 (re-exported)
 from .density import Distribution, check_sparsity, layer_densities
 
 __all__ = [
@@ -53,28 +54,6 @@ __all__ = [
 
 GRANULARITIES = ("element", "block")
 BLOCK_SIZES = (16, 32, 64, 128)
-SKIP_NAMES = frozenset({"patch_embed", "stem", "conv_stem", "head", "classifier", "pre_logits"})
-
-LayerFilter = Callable[[str, nn.Module], bool]
-
-
-def default_filter(name: str, module: nn.Module) -> bool:
-    """Sparsify ``nn.Linear`` and ``nn.Conv2d`` weights, except the patch embedding / stem and the head.
-
-    A module is skipped when any component of its dotted ``name`` is one of
-    ``patch_embed``, ``stem``, ``conv_stem``, ``head``, ``classifier``, ``pre_logits``,
-    or when it is a top-level ``fc`` (a ResNet classifier).  Norms, biases and
-    embeddings are never selected: only ``.weight`` of Linear/Conv2d is.  (With this
-    default, :class:`MaskManager` also leaves out frozen weights, see there.)
-    """
-    if not isinstance(module, (nn.Linear, nn.Conv2d)):
-        return False
-    parts = name.split(".")
-    if SKIP_NAMES.intersection(parts) or name == "fc":
-        return False
-    return True
-
-
 def check_granularity(granularity: object, block_size: object) -> Optional[int]:
     """``granularity`` must be ``"element"`` (``block_size`` None) or ``"block"`` with ``block_size`` in BLOCK_SIZES."""
     if granularity not in GRANULARITIES:
@@ -251,7 +230,8 @@ class MaskManager:
     ``round(d_l · units_l)`` units.  ``init`` picks the initial kept units:
     ``"random"`` (uniform, from a CPU generator seeded with ``seed``, the same on
     every rank), ``"magnitude"`` (largest pooled ``|W|``), or ``"dense"`` (all).
-    ``filter(name, module)`` selects the layers (default :func:`default_filter`).
+    ``filter(name, module)`` selects the layers (default :func:`default_filter`), or
+    torchao-style ``filter_fn(module, fqn)`` (see :mod:`sparsevit.layer_filters`).
 
     Gradients of masked weights are zeroed by a tensor hook (before accumulation);
     :meth:`attach` adds an optimizer post-step hook that re-applies the masks.
@@ -277,6 +257,7 @@ class MaskManager:
         init: str = "random",
         seed: int = 0,
         optimizer: Optional[torch.optim.Optimizer] = None,
+        filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -287,9 +268,7 @@ class MaskManager:
             raise ValueError(f"init must be 'random', 'magnitude' or 'dense', got {init!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-        filt = default_filter if filter is None else filter
-        if not callable(filt):
-            raise TypeError(f"filter must be a callable (name, module) -> bool, got {type(filt).__name__}")
+        filt = resolve_filter(filter, filter_fn, default_filter)
         self.model = model
         self.layers: dict[str, MaskedWeight] = {}
         self.skipped_frozen: list[str] = []
@@ -298,7 +277,7 @@ class MaskManager:
             if isinstance(w, torch.Tensor) and w.dim() >= 2 and filt(name, module):
                 _check_not_sharded(name, w)
                 if not w.requires_grad:
-                    if filter is None:
+                    if filter is None and filter_fn is None:
                         self.skipped_frozen.append(name)
                         continue
                     raise ValueError(
@@ -350,9 +329,29 @@ class MaskManager:
         """``name -> unit mask`` of every layer."""
         return {n: l.mask for n, l in self.layers.items()}
 
+    def layer(self, name: str) -> "MaskedWeight":
+        """The managed layer ``name``: a module name (``blocks.0.mlp.fc1``) or its weight's
+        parameter name (``blocks.0.mlp.fc1.weight``).
+
+        Raises KeyError (a ``LookupError``) listing the managed names on a miss.
+        """
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a str (a module or parameter name), got {type(name).__name__}")
+        found = self.layers.get(name)
+        if found is None and name.endswith(".weight"):
+            found = self.layers.get(name[: -len(".weight")])
+        if found is None:
+            names = list(self.layers)
+            shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
+            raise KeyError(f"{name!r} is not a managed layer; the managed layers are: {shown or 'none'}")
+        return found
+
     def block_mask(self, name: str) -> torch.Tensor:
-        """The ``(M/b, K/b)`` bool block mask of layer ``name`` (ValueError for element granularity)."""
-        return self.layers[name].block_mask()
+        """The ``(M/b, K/b)`` bool block mask of layer ``name`` (a module or parameter name, as in :meth:`layer`).
+
+        ValueError for element granularity; KeyError listing the managed layers for an unknown name.
+        """
+        return self.layer(name).block_mask()
 
     @torch.no_grad()
     def apply_masks(self) -> None:

@@ -38,20 +38,28 @@ scored with a zero gradient, the way SET scores every layer without one: it stil
 drops its ``k`` smallest ``|W|`` and regrows ``k`` units (ties: lowest index first,
 the same on every rank), all at zero, and a UserWarning names it the first time.
 When no layer received a gradient, backward was not called: that is an error.
+
+Progress: every mask update is a record in ``history`` (step, drop fraction, units
+dropped per layer, weights regrown, total sparsity), is logged at INFO level on the
+``sparsevit.sparse_training`` logger (per-layer sparsity at DEBUG), and is passed to
+``callback(record)`` when one is given.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 import warnings
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 from torch import nn
 
-from .density import Distribution
-from .masks import LayerFilter, MaskManager, reset_optimizer_state, topk_mask
+from .density import Distribution, check_sparsity
+from .masks import LayerFilter, MaskManager, check_granularity, reset_optimizer_state, topk_mask
+
+logger = logging.getLogger("sparsevit.sparse_training")
 
 __all__ = ["DynamicSparseTraining", "RigL", "SET", "StaticSparse", "cosine_drop_fraction"]
 
@@ -81,6 +89,8 @@ class DynamicSparseTraining:
     """The machinery RigL, SET and static sparse training share (see the module docstring).
 
     ``grow``: ``"gradient"`` (RigL), ``"random"`` (SET) or ``None`` (static).
+    ``filter`` / ``filter_fn`` choose the layers (:mod:`sparsevit.layer_filters`);
+    ``callback(record)`` is called after every mask update with its ``history`` record.
     """
 
     grow: Optional[str] = None
@@ -99,18 +109,15 @@ class DynamicSparseTraining:
         block_size: Optional[int] = None,
         filter: Optional[LayerFilter] = None,
         seed: int = 0,
+        filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
+        callback: Optional[Callable[[dict], None]] = None,
     ):
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        self.delta_t = _positive_int("delta_t", delta_t)
-        if self.grow is not None:
-            if t_end is None:
-                raise ValueError("t_end (the last step with mask updates, e.g. 75% of training) is required")
-            self.t_end = _positive_int("t_end", t_end)
-        else:
-            self.t_end = 0
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (0.0 <= float(alpha) <= 1.0):
-            raise ValueError(f"alpha must be a float in [0, 1], got {alpha!r}")
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback must be a callable taking the update's record, got {type(callback).__name__}")
+        self.callback = callback
+        self._check_arguments(model, optimizer, sparsity, delta_t, t_end, alpha, granularity, block_size, seed)
+        self.delta_t = int(delta_t)
+        self.t_end = int(t_end) if self.grow is not None else 0
         self.alpha = float(alpha)
         self.manager = MaskManager(
             model,
@@ -119,6 +126,7 @@ class DynamicSparseTraining:
             granularity=granularity,
             block_size=block_size,
             filter=filter,
+            filter_fn=filter_fn,
             init="random",
             seed=seed,
             optimizer=optimizer,
@@ -142,6 +150,51 @@ class DynamicSparseTraining:
     def needs_dense_grad(self) -> bool:
         """Whether the coming backward pass (of step ``t + 1``) must keep the dense gradient."""
         return self.grow == "gradient" and self.is_update_step(self.t + 1)
+
+    def _check_arguments(self, model: object, optimizer: object, sparsity: object, delta_t: object, t_end: object,
+                         alpha: object, granularity: object, block_size: object, seed: object) -> None:
+        """Check the arguments in signature order and report every problem at once.
+
+        Raises the exception type of the first problem (TypeError or ValueError), its
+        message listing all of them.
+        """
+        def optimizer_ok() -> None:
+            if not isinstance(optimizer, torch.optim.Optimizer):
+                raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+
+        def model_ok() -> None:
+            if not isinstance(model, nn.Module):
+                raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+        def t_end_ok() -> None:
+            if self.grow is None:
+                return
+            if t_end is None:
+                raise ValueError("t_end (the last step with mask updates, e.g. 75% of training) is required")
+            _positive_int("t_end", t_end)
+
+        def alpha_ok() -> None:
+            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (0.0 <= float(alpha) <= 1.0):
+                raise ValueError(f"alpha must be a float in [0, 1], got {alpha!r}")
+
+        def seed_ok() -> None:
+            if isinstance(seed, bool) or not isinstance(seed, int):
+                raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+
+        checks = [model_ok, optimizer_ok, lambda: check_sparsity("sparsity", sparsity),
+                  lambda: _positive_int("delta_t", delta_t), t_end_ok, alpha_ok,
+                  lambda: check_granularity(granularity, block_size), seed_ok]
+        problems: list[Exception] = []
+        for check in checks:
+            try:
+                check()
+            except (TypeError, ValueError) as exc:
+                problems.append(exc)
+        if len(problems) == 1:
+            raise problems[0]
+        if problems:
+            raise type(problems[0])(f"{type(self).__name__}: {len(problems)} bad arguments: "
+                                    + "; ".join(str(p) for p in problems))
 
     # ------------------------------------------------------------------ steps
     def step(self) -> bool:
@@ -224,13 +277,22 @@ class DynamicSparseTraining:
             layer.weight.masked_fill_(regrown, 0)
             reset_optimizer_state(self.optimizer, layer.weight, regrown)
         self.manager.apply_masks()
-        self.history.append({
+        record = {
             "step": self.t,
             "drop_fraction": fraction,
             "dropped_units": dropped,
             "regrown_weights": regrown_total,
             "sparsity": self.manager.total_sparsity(),
-        })
+        }
+        self.history.append(record)
+        logger.info("%s step %d: drop fraction %.4f, %d units dropped and regrown, %d weights regrown at 0, "
+                    "total sparsity %.4f", type(self).__name__, self.t, fraction, sum(dropped.values()), regrown_total,
+                    record["sparsity"])
+        if logger.isEnabledFor(logging.DEBUG):
+            for name, layer in self.manager.layers.items():
+                logger.debug("  %s: %d units dropped/regrown, sparsity %.4f", name, dropped[name], 1.0 - layer.density())
+        if self.callback is not None:
+            self.callback(dict(record))
 
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:

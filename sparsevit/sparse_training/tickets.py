@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
-from typing import Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 import torch
 
@@ -91,7 +91,7 @@ def _check_masks(masks: object) -> dict[str, torch.Tensor]:
 
 def save_ticket(
     path: PathLike,
-    masks: Mapping[str, torch.Tensor],
+    masks: "Mapping[str, torch.Tensor] | object",
     metadata: Optional[Mapping[str, str]] = None,
     *,
     use_safetensors: Optional[bool] = None,
@@ -101,12 +101,24 @@ def save_ticket(
     ``use_safetensors``: None = when available; True requires it; False uses ``torch.save``.
     The file records :data:`TICKET_FORMAT_VERSION` and :func:`ticket_checksum` of the
     masks; the metadata keys ``format``, ``format_version`` and ``sha256`` are reserved.
+
+    ``masks`` may also be a :class:`~sparsevit.sparse_training.MaskManager`, or a trainer
+    holding one (RigL, SET, StaticSparse, LotteryTicket): the file then describes itself
+    (granularity, block size, layer shapes, method, sparsity; keys ``sparsevit.*``, see
+    :mod:`sparsevit.sparse_training.ticket_apply`) and :func:`apply_ticket` applies it to
+    a fresh model.  Metadata keys starting with ``sparsevit.`` are reserved.
     """
-    masks = _check_masks(masks)
+    from .ticket_apply import describe_manager, manager_of
+
+    manager = manager_of(masks)
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    for key in _RESERVED:
-        if key in meta:
+    for key in meta:
+        if key in _RESERVED or key.startswith("sparsevit."):
             raise ValueError(f"metadata key {key!r} is reserved for the ticket format")
+    if manager is not None:
+        meta.update(describe_manager(manager, type(masks).__name__))
+        masks = manager.masks()
+    masks = _check_masks(masks)
     header = {"format": TICKET_FORMAT, "format_version": str(TICKET_FORMAT_VERSION), "sha256": ticket_checksum(masks)}
     if use_safetensors is None:
         use_safetensors = safetensors_available()
@@ -201,12 +213,21 @@ def _read(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return masks, meta
 
 
-def load_ticket(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def load_ticket(path: "PathLike | torch.nn.Module", *args: Any, **kwargs: Any):
     """Read a ticket written by :func:`save_ticket`: ``(masks, metadata)`` with CPU bool masks.
 
     Every bad file is a ValueError naming it and the problem (module docstring);
     a file of the first format, without version and checksum, loads with a UserWarning.
+
+    ``load_ticket(model, path, optimizer=None)`` is :func:`apply_ticket`: the ticket
+    applied to ``model``, returning its :class:`~sparsevit.sparse_training.MaskManager`.
     """
+    if isinstance(path, torch.nn.Module):
+        from .ticket_apply import apply_ticket
+
+        return apply_ticket(path, *args, **kwargs)
+    if args or kwargs:
+        raise TypeError("load_ticket(path) takes only the path; load_ticket(model, path) applies it to a model")
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ValueError(f"ticket file {path!r} does not exist")

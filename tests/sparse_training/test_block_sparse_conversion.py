@@ -165,3 +165,13 @@ def test_an_optimizer_missing_the_layers_is_refused_before_anything_changes() ->
     assert [type(m) for m in model.modules()] == before and manager.layers
     with pytest.raises(TypeError, match="optimizer must be"):
         to_block_sparse(model, manager, optimizer="adam")
+
+
+def test_train_block_sparse_report_names_what_the_layers_became() -> None:
+    from sparsevit.sparse_training import train_block_sparse
+
+    model = tiny_vit()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rigl = RigL(model, opt, 0.5, delta_t=2, t_end=4, granularity="block", block_size=16, distribution="uniform")
+    text = str(train_block_sparse(rigl.manager))
+    assert text.startswith("converted ") and "to BlockSparseTrainedLinear" in text and "optimizer" not in text
