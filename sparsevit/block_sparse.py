@@ -15,8 +15,6 @@ import torch
 from . import reference
 from .layout import BlockSparseLayout
 
-_PRODUCT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
 __all__ = ["BlockSparseMatrix"]
 
 
@@ -69,9 +67,9 @@ class BlockSparseMatrix:
             raise TypeError(f"dense must be a torch.Tensor (M, K), got {type(dense).__name__}")
         if dense.dim() != 2:
             raise ValueError(f"dense must be a 2-D tensor (M, K), got shape {tuple(dense.shape)}")
-        if dense.dtype not in _PRODUCT_DTYPES:
-            raise TypeError(f"dense must be float32, float16 or bfloat16 (the dtypes of the block-sparse products), "
-                            f"got {dense.dtype}; convert it first, e.g. dense.float()")
+        if not dense.is_floating_point():
+            raise TypeError(f"dense must be a floating-point tensor (float32, float16 or bfloat16 for the block-sparse "
+                            f"products; float64 for the reference), got {dense.dtype}; convert it first, e.g. dense.float()")
         if layout is None:
             if block_size is None or sparsity is None:
                 raise ValueError("give either layout, or block_size and sparsity")

@@ -9,10 +9,10 @@ import sparsevit
 from sparsevit import BlockSparseMatrix
 
 
-@pytest.mark.parametrize("dtype", [torch.int64, torch.float64, torch.bool])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
 def test_from_dense_refuses_dtypes_the_products_cannot_take(dtype: torch.dtype) -> None:
     dense = torch.ones(32, 32, dtype=dtype)
-    with pytest.raises(TypeError, match=f"dense must be float32, float16 or bfloat16 .*got {dtype}"):
+    with pytest.raises(TypeError, match=f"dense must be a floating-point tensor .*got {dtype}"):
         BlockSparseMatrix.from_dense(dense, block_size=16, sparsity=0.5)
 
 
