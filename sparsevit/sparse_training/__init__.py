@@ -2,7 +2,9 @@
 
 * :mod:`.density` -- uniform / Erdős–Rényi / ERK layer densities (Evci et al. 2020);
 * :mod:`.masks` -- :class:`MaskManager`: exact-zero masked weights, masked gradients,
-  element or ``b × b`` block granularity, DDP-consistent masks;
+  element or ``b × b`` block granularity, DDP-consistent masks, masks sharded like FSDP2 weights;
+* :mod:`.sharding` -- FSDP2 (``fully_shard``) row shards and exact top-k across them;
+* :mod:`.distributed_checkpoint` -- trainer state in ``torch.distributed.checkpoint`` checkpoints;
 * :mod:`.rigl` -- :class:`RigL`, :class:`SET`, :class:`StaticSparse`;
 * :mod:`.lottery` -- :class:`LotteryTicket`: iterative magnitude pruning with rewinding
   (Frankle & Carbin 2019, Frankle et al. 2020);
@@ -16,6 +18,7 @@
 from .block_sparse import BlockSparseReport, to_block_sparse
 from .block_sparse_training import BlockSparseTrainedLinear, train_block_sparse
 from .density import DISTRIBUTIONS, layer_densities
+from .distributed_checkpoint import load_distributed_checkpoint, save_distributed_checkpoint
 from .lottery import LotteryTicket
 from .loop import accuracy, fit
 from .masks import BLOCK_SIZES, GRANULARITIES, MaskedWeight, MaskManager, default_filter, reset_optimizer_state
@@ -46,6 +49,8 @@ __all__ = [
     "default_filter",
     "fit",
     "layer_densities",
+    "load_distributed_checkpoint",
+    "save_distributed_checkpoint",
     "load_ticket",
     "apply_ticket",
     "reset_optimizer_state",

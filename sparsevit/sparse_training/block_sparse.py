@@ -100,7 +100,8 @@ def to_block_sparse(model: nn.Module, masks: MaskManager,
 
     Raises:
         TypeError / ValueError for a bad argument, or an optimizer missing a converted
-        layer's parameters (checked before anything changes).
+        layer's parameters (checked before anything changes); ValueError for FSDP2-sharded
+        weights, with the route that works (see :meth:`MaskManager.refuse_sharded`).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -110,6 +111,7 @@ def to_block_sparse(model: nn.Module, masks: MaskManager,
         raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
     if masks.model is not model:
         raise ValueError("masks must manage this model (MaskManager(model, ...))")
+    masks.refuse_sharded("to_block_sparse")
     optimizer = optimizer if optimizer is not None else masks.optimizer
     report = BlockSparseReport()
     plan = []

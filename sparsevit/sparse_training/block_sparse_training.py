@@ -83,9 +83,13 @@ def train_block_sparse(manager: MaskManager, backend: Optional[str] = None) -> B
 
     Returns:
         a :class:`BlockSparseReport` of the layers routed and those left dense, with why.
+
+    Raises:
+        ValueError for FSDP2-sharded weights (see :meth:`MaskManager.refuse_sharded`).
     """
     if not isinstance(manager, MaskManager):
         raise TypeError(f"manager must be a MaskManager, got {type(manager).__name__}")
+    manager.refuse_sharded("train_block_sparse")
     report = BlockSparseReport(target="BlockSparseTrainedLinear", new_parameters=False)
     for name, layer in manager.layers.items():
         module = layer.module

@@ -27,7 +27,8 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 from torch import nn
 
-from .masks import LayerFilter, MaskManager, topk_mask
+from .masks import LayerFilter, MaskManager
+from .sharding import global_std, lexicographic_order, sharded_topk_indexed
 from .tickets import save_ticket
 
 __all__ = ["LotteryTicket"]
@@ -113,33 +114,61 @@ class LotteryTicket:
 
     @torch.no_grad()
     def prune(self) -> float:
-        """Remove the fraction ``p`` of surviving units of smallest pooled ``|W|``; returns the new total sparsity."""
+        """Remove the fraction ``p`` of surviving units of smallest pooled ``|W|``; returns the new total sparsity.
+
+        Per layer (``scope="layer"``) or over all layers (``"global"``), the ``round(p · n)``
+        surviving units of smallest score go, ties highest index first (so the ``n − round(p n)``
+        kept are the top ones, ties lowest index first).  Under FSDP2 the selection is exact
+        across shards (:func:`~.sharding.sharded_topk_indexed`).
+        """
         layers = self.manager.layers
-        scores = {n: l.pool(l.weight).flatten() for n, l in layers.items()}
+        n_active = self.manager.active_counts()
+        # Survivors scored by pooled |W|; the pruned ones score +inf and are never chosen again.
+        scores = {}
+        for n, l in layers.items():
+            inf = torch.tensor(float("inf"), device=l.local_mask.device)
+            scores[n] = torch.where(l.local_mask.flatten(), l.pool(l.local_weight()).flatten(), inf)
         if self.scope == "layer":
             for name, layer in layers.items():
-                mask = layer.mask.flatten()
-                n_active = int(mask.sum())
-                keep = n_active - int(round(self.prune_fraction * n_active))
-                s = torch.where(mask, scores[name], torch.tensor(float("-inf"), device=mask.device))
-                layer.mask = topk_mask(s, keep).reshape(layer.unit_shape)
+                pruned = int(round(self.prune_fraction * n_active[name]))
+                drop = layer.top_units(scores[name], pruned, largest=False, low_index_first=False)
+                layer.local_mask = layer.local_mask & ~drop
         else:
-            names = list(layers)
-            flat = torch.cat([
-                torch.where(layers[n].mask.flatten(), scores[n], torch.tensor(float("-inf"), device=scores[n].device)).cpu()
-                for n in names
-            ])
-            n_active = sum(int(layers[n].mask.sum()) for n in names)
-            keep = topk_mask(flat, n_active - int(round(self.prune_fraction * n_active)))
-            offset = 0
-            for n in names:
-                size = layers[n].num_units
-                layers[n].mask = keep[offset : offset + size].reshape(layers[n].unit_shape)
-                offset += size
+            self._prune_global(scores, sum(n_active.values()))
         self.manager.sync_masks()
         self.manager.apply_masks()
         self._new_round_record()
         return self.manager.total_sparsity()
+
+    def _prune_global(self, scores: Mapping[str, torch.Tensor], n_active: int) -> None:
+        """Global scope: one ranking over every layer's units, indexed in layer order (layer base + unit index)."""
+        layers = self.manager.layers
+        sharded = [layer.shard is not None for layer in layers.values()]
+        if any(sharded) and not all(sharded):
+            plain = [n for n, l in layers.items() if l.shard is None]
+            raise ValueError(f"scope='global' needs every sparsified layer sharded by fully_shard or none; {plain} "
+                             "are not: shard the whole model, or use scope='layer'")
+        pruned = int(round(self.prune_fraction * n_active))
+        base, index = 0, []
+        for layer in layers.values():
+            n_local = layer.local_mask.numel()
+            index.append(torch.arange(n_local, dtype=torch.int64) + base + layer.unit_offset)
+            base += layer.num_units
+        flat = torch.cat([scores[n].float().cpu() for n in layers])
+        index = torch.cat(index)
+        if all(sharded):
+            drop = sharded_topk_indexed(flat, index, pruned, base, self.manager.shard_group, largest=False,
+                                        low_index_first=False, stats=self.manager.comm)
+        else:
+            order = lexicographic_order(flat, index, largest=False, low_index_first=False)[:pruned]
+            drop = torch.zeros(flat.numel(), dtype=torch.bool)
+            drop[order] = True
+        offset = 0
+        for layer in layers.values():
+            n_local = layer.local_mask.numel()
+            part = drop[offset: offset + n_local].reshape(layer.local_unit_shape).to(layer.local_mask.device)
+            layer.local_mask = layer.local_mask & ~part
+            offset += n_local
 
     @torch.no_grad()
     def rewind(self) -> None:
@@ -156,9 +185,11 @@ class LotteryTicket:
         g = torch.Generator().manual_seed(seed)
         for name, layer in self.manager.layers.items():
             ref = self.rewind_state[f"{name}.weight"] if f"{name}.weight" in self.rewind_state else layer.weight
-            sigma = float(ref.float().std())
-            w = torch.randn(layer.shape, generator=g) * sigma
-            layer.weight.copy_(w.to(layer.weight))
+            sigma = global_std(ref, layer.shard, self.manager.comm)
+            w = torch.randn(layer.shape, generator=g) * sigma  # whole on every rank: the same draw as one process
+            local = layer.local_weight()
+            start = layer.shard.row_start if layer.shard is not None else 0
+            local.copy_(w[start: start + local.shape[0]].to(local))
         self.manager.apply_masks()
 
     def masks(self) -> dict[str, torch.Tensor]:

@@ -21,11 +21,19 @@ expanded to elements when applied.  :meth:`MaskedWeight.block_mask` returns the
 Distributed data parallel: masks are made from a seeded CPU generator that is
 the same on every rank and broadcast from rank 0 after every change, and scores
 that depend on data (gradients) are all-reduced first, so every rank holds the
-same masks.  FSDP is not supported yet: the manager needs whole (unsharded)
-weights, so sharded DTensor parameters (FSDP2 ``fully_shard``) are refused with
-a TypeError; the intended route (untested) is FSDP with ``use_orig_params=True``,
-building the manager and making updates inside
-``FSDP.summon_full_params(model, writeback=True)``.
+same masks.
+
+Fully sharded data parallel (FSDP2 ``fully_shard``, dim-0 ``Shard`` on a 1-D mesh):
+a weight that is a sharded DTensor gets a mask sharded like it; each rank holds
+the mask rows of its own rows (:mod:`.sharding`) and applies them to its local
+shard with no all-gather.  Gradients are masked in a post-accumulate-grad hook on
+the sharded parameter (FSDP2 runs it after the reduce-scatter, before any
+gradient clipping or optimizer step).  Selections over a whole weight (magnitude
+init, RigL's drop and grow, IMP) are exact top-k across the shards
+(:func:`~.sharding.sharded_topk_mask`), so they equal the single-process ones;
+counts are all-reduced.  ``MaskedWeight.mask`` and :meth:`MaskManager.masks` return
+DTensors sharded like the weights, and :meth:`MaskManager.state_dict` holds them,
+ready for ``torch.distributed.checkpoint``.
 """
 
 from __future__ import annotations
@@ -39,6 +47,17 @@ from torch import nn
 
 from ..layer_filters import SKIP_NAMES, LayerFilter, default_filter, resolve_filter  # noqa: F401 (re-exported)
 from .density import Distribution, check_sparsity, layer_densities
+from .sharding import (
+    CommStats,
+    RowShard,
+    all_gather_rows,
+    all_reduce_sum,
+    check_block_aligned,
+    is_dtensor,
+    lexicographic_order,
+    shard_of,
+    sharded_topk_mask,
+)
 
 __all__ = [
     "BLOCK_SIZES",
@@ -69,23 +88,14 @@ def check_granularity(granularity: object, block_size: object) -> Optional[int]:
     return block_size
 
 
-def _check_not_sharded(name: str, weight: torch.Tensor) -> None:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover
-        return
-    if isinstance(weight, DTensor) or isinstance(getattr(weight, "data", None), DTensor):
-        raise TypeError(
-            f"{name}.weight is a sharded DTensor (FSDP2); masks need whole weights: use FSDP with "
-            "use_orig_params=True and summon_full_params (see sparsevit.sparse_training.masks)"
-        )
-
-
 class MaskedWeight:
     """One sparsified weight ``module.weight`` and its mask of units (elements or ``b × b`` blocks).
 
     ``mask`` has the weight's shape (``element``) or ``(M/b, K/b)`` (``block``),
-    with ``(M, K) = (n_out, numel / n_out)``.
+    with ``(M, K) = (n_out, numel / n_out)``.  For an FSDP2-sharded weight ``shape``,
+    ``unit_shape`` and ``num_units`` describe the whole weight, while this rank holds
+    only ``local_mask`` (``local_unit_shape``: the units of its rows, ``unit_offset`` the
+    flat index of the first one) and ``element_mask`` (its rows of the element mask).
     """
 
     def __init__(self, name: str, module: nn.Module, block_size: Optional[int]):
@@ -93,24 +103,75 @@ class MaskedWeight:
         self.module = module
         self.block_size = block_size
         w = module.weight
+        self.shard: Optional[RowShard] = shard_of(name, w)
+        # FSDP2 swaps ``module.weight`` for the unsharded tensor during forward/backward;
+        # the sharded parameter (what the optimizer holds) is kept here.
+        self._sharded_param = w if self.shard is not None else None
+        self.stats: Optional[CommStats] = None
         self.shape = tuple(w.shape)
         self.matrix_shape = (self.shape[0], w.numel() // self.shape[0])
+        m, k = self.matrix_shape
+        rows = self.shard.rows if self.shard is not None else m
+        start = self.shard.row_start if self.shard is not None else 0
+        self.local_shape = (rows, *self.shape[1:])
         if block_size is not None:
-            m, k = self.matrix_shape
             if m % block_size or k % block_size:
                 raise ValueError(
                     f"block_size={block_size} must divide both dims of layer {name!r} "
                     f"(weight {self.shape} viewed as the matrix {self.matrix_shape})"
                 )
+            if self.shard is not None:
+                check_block_aligned(name, self.shard, block_size)
             self.unit_shape = (m // block_size, k // block_size)
+            self.local_unit_shape = (rows // block_size, k // block_size)
+            self.unit_row_start = start // block_size
         else:
             self.unit_shape = self.shape
-        self._mask = torch.ones(self.unit_shape, dtype=torch.bool, device=w.device)
-        self._element = torch.ones(self.shape, dtype=torch.bool, device=w.device)
+            self.local_unit_shape = self.local_shape
+            self.unit_row_start = start
+        self.unit_offset = self.unit_row_start * (math.prod(self.unit_shape[1:]))
+        device = self.local_weight().device
+        self._mask = torch.ones(self.local_unit_shape, dtype=torch.bool, device=device)
+        self._element = torch.ones(self.local_shape, dtype=torch.bool, device=device)
 
     @property
     def weight(self) -> nn.Parameter:
-        return self.module.weight
+        """The parameter (for an FSDP2 layer: the sharded DTensor parameter the optimizer holds)."""
+        if self._sharded_param is not None:
+            return self._sharded_param
+        w = self.module.weight
+        if is_dtensor(w):
+            raise RuntimeError(
+                f"layer {self.name!r} was sharded (fully_shard) after its mask manager was built: build RigL / "
+                "LotteryTicket / MaskManager after fully_shard(model), and the optimizer from the sharded parameters")
+        return w
+
+    def local_weight(self) -> torch.Tensor:
+        """This rank's rows of the weight (the weight itself when it is not sharded)."""
+        w = self.weight
+        return w.to_local() if self.shard is not None else w
+
+    def top_units(self, scores: torch.Tensor, k: int, *, largest: bool = True,
+                  low_index_first: bool = True) -> torch.Tensor:
+        """Bool mask of :attr:`local_unit_shape`: this rank's share of the ``k`` best units of the whole weight.
+
+        ``scores`` are this rank's units (all of them when unsharded).  Order: by score
+        (descending if ``largest``), ties by global unit index (lowest first if
+        ``low_index_first``); across FSDP2 shards by :func:`~.sharding.sharded_topk_mask`,
+        so the result is the one the gathered scores would give.
+        """
+        if self.shard is not None:
+            return sharded_topk_mask(scores.reshape(self.local_unit_shape), k, self.unit_offset, self.num_units,
+                                     self.shard.group, largest=largest, low_index_first=low_index_first,
+                                     stats=self.stats)
+        if largest and low_index_first:
+            return topk_mask(scores, k).reshape(self.local_unit_shape)
+        flat = scores.reshape(-1)
+        k = max(0, min(int(k), flat.numel()))
+        order = lexicographic_order(flat.detach().float().cpu(), torch.arange(flat.numel()), largest, low_index_first)
+        out = torch.zeros(flat.numel(), dtype=torch.bool)
+        out[order[:k]] = True
+        return out.reshape(self.local_unit_shape).to(flat.device)
 
     @property
     def granularity(self) -> str:
@@ -121,28 +182,76 @@ class MaskedWeight:
         return math.prod(self.unit_shape)
 
     @property
-    def mask(self) -> torch.Tensor:
-        """The unit mask (bool): weight-shaped, or ``(M/b, K/b)`` for blocks."""
+    def local_mask(self) -> torch.Tensor:
+        """This rank's unit mask (the whole unit mask when the weight is not sharded)."""
         return self._mask
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """The unit mask (bool): weight-shaped, or ``(M/b, K/b)`` for blocks.
+
+        For a sharded weight, a DTensor sharded like it (``Shard(0)``) over :attr:`local_mask`.
+        """
+        if self.shard is None:
+            return self._mask
+        return self._as_dtensor(self._mask)
+
+    def _as_dtensor(self, local: torch.Tensor) -> torch.Tensor:
+        from torch.distributed.tensor import DTensor, Shard
+
+        shape = torch.Size(self.unit_shape)
+        stride = tuple(math.prod(self.unit_shape[i + 1:]) for i in range(len(self.unit_shape)))
+        return DTensor.from_local(local, self.shard.mesh, [Shard(0)], run_check=False, shape=shape, stride=stride)
+
+    def _localize(self, value: torch.Tensor) -> torch.Tensor:
+        """``value`` (a whole unit mask, or a DTensor of one) as this rank's rows; ValueError on a wrong shape."""
+        if is_dtensor(value):
+            if tuple(value.shape) != self.unit_shape:
+                raise ValueError(f"mask of layer {self.name!r} must have shape {self.unit_shape}, got {tuple(value.shape)}")
+            from torch.distributed.tensor import Shard
+
+            same = (self.shard is not None and value.device_mesh == self.shard.mesh
+                    and tuple(value.placements) == (Shard(0),))
+            if same:
+                return value.to_local()
+            return value.to(torch.uint8).full_tensor().to(torch.bool) if value.dtype == torch.bool else value.full_tensor()
+        if tuple(value.shape) != self.unit_shape:
+            raise ValueError(f"mask of layer {self.name!r} must have shape {self.unit_shape}, got {tuple(value.shape)}")
+        if self.shard is None:
+            return value
+        return value[self.unit_row_start: self.unit_row_start + self.local_unit_shape[0]]
 
     @mask.setter
     def mask(self, value: torch.Tensor) -> None:
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"mask of {self.name!r} must be a torch.Tensor, got {type(value).__name__}")
-        if tuple(value.shape) != self.unit_shape:
-            raise ValueError(f"mask of {self.name!r} must have shape {self.unit_shape}, got {tuple(value.shape)}")
-        self._mask = value.to(device=self.weight.device, dtype=torch.bool).clone()
+        local = self._localize(value)
+        self.local_mask = local
+
+    @local_mask.setter
+    def local_mask(self, value: torch.Tensor) -> None:
+        if tuple(value.shape) != self.local_unit_shape:
+            raise ValueError(f"local mask of {self.name!r} must have shape {self.local_unit_shape}, "
+                             f"got {tuple(value.shape)}")
+        self._mask = value.to(device=self._element.device, dtype=torch.bool).clone()
         self._element = self.expand(self._mask)
 
     @property
     def element_mask(self) -> torch.Tensor:
-        """The mask expanded to the weight's shape (bool)."""
+        """The mask expanded to the weight's shape (bool); this rank's rows for a sharded weight."""
         return self._element
+
+    def full_mask(self, stats: Optional[CommStats] = None) -> torch.Tensor:
+        """The whole unit mask as a plain bool tensor (an all-gather over the shards when sharded)."""
+        if self.shard is None:
+            return self._mask
+        return all_gather_rows(self._mask, self.shard, self.unit_shape, stats if stats is not None else self.stats)
 
     def check_mask(self, value: object) -> tuple[torch.Tensor, torch.Tensor]:
         """Check a unit mask given from outside (a checkpoint, a ticket file) without installing it.
 
-        It must be a bool tensor of :attr:`unit_shape` whose bytes are all 0 or 1 (a
+        It must be a bool tensor of :attr:`unit_shape` (a DTensor for a sharded layer, or
+        the whole mask, of which this rank keeps its rows) whose bytes are all 0 or 1 (a
         corrupted bool byte such as 0x7F reads as True but is not a valid mask).
         Returns ``(unit mask, element mask)`` on the weight's device, ready for
         :meth:`_install`; raises ValueError naming the layer.
@@ -150,11 +259,10 @@ class MaskedWeight:
         if not isinstance(value, torch.Tensor) or value.dtype != torch.bool:
             got = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
             raise ValueError(f"mask of layer {self.name!r} must be a bool tensor, got {got}")
-        if tuple(value.shape) != self.unit_shape:
-            raise ValueError(f"mask of layer {self.name!r} must have shape {self.unit_shape}, got {tuple(value.shape)}")
-        if value.numel() and bool((value.view(torch.uint8) > 1).any()):
+        local = self._localize(value)
+        if local.numel() and bool((local.view(torch.uint8) > 1).any()):
             raise ValueError(f"mask of layer {self.name!r} holds bytes other than 0/1 (a corrupted bool tensor)")
-        unit = value.to(device=self.weight.device).clone()
+        unit = local.to(device=self._element.device).clone()
         return unit, self.expand(unit)
 
     def _install(self, checked: tuple[torch.Tensor, torch.Tensor]) -> None:
@@ -167,37 +275,40 @@ class MaskedWeight:
         """
         if self.block_size is None:
             raise ValueError(f"layer {self.name!r} has element granularity: its mask has no block structure")
-        return self._mask
+        return self.mask
 
     def active(self) -> int:
-        """Number of kept units."""
-        return int(self._mask.sum())
+        """Number of kept units (over all shards: a collective for a sharded weight)."""
+        local = int(self._mask.sum())
+        return local if self.shard is None else all_reduce_sum([local], self.shard.group, self.stats)[0]
 
     def density(self) -> float:
-        """Fraction of kept weights, ``Σ M / numel``."""
-        return float(self._element.sum()) / self._element.numel()
+        """Fraction of kept weights, ``Σ M / numel`` (over all shards: a collective for a sharded weight)."""
+        local = int(self._element.sum())
+        kept = local if self.shard is None else all_reduce_sum([local], self.shard.group, self.stats)[0]
+        return kept / math.prod(self.shape)
 
     def pool(self, t: torch.Tensor) -> torch.Tensor:
-        """Per-unit score of a weight-shaped tensor: ``|t|`` (element) or the mean of ``|t|`` over each block."""
+        """Per-unit score of a weight-shaped tensor (or this rank's rows of one): ``|t|``, or the mean of ``|t|`` per block."""
         a = t.detach().abs().float()
         if self.block_size is None:
             return a
         b = self.block_size
-        m, k = self.matrix_shape
-        return a.reshape(m // b, b, k // b, b).mean(dim=(1, 3))
+        rows, k = a.shape[0], self.matrix_shape[1]
+        return a.reshape(rows // b, b, k // b, b).mean(dim=(1, 3))
 
     def expand(self, unit_mask: torch.Tensor) -> torch.Tensor:
-        """Element mask of the weight's shape from a unit mask (block ``(i, j)`` → rows ``ib..ib+b``, cols ``jb..jb+b``)."""
+        """Element mask from a unit mask (block ``(i, j)`` → rows ``ib..ib+b``, cols ``jb..jb+b``), whole or this rank's rows."""
         if self.block_size is None:
             return unit_mask.to(torch.bool)
         b = self.block_size
         full = unit_mask.to(torch.bool).repeat_interleave(b, 0).repeat_interleave(b, 1)
-        return full.reshape(self.shape)
+        return full.reshape(full.shape[0], *self.shape[1:])
 
     @torch.no_grad()
     def apply_(self) -> None:
-        """Zero the masked weights in place: ``W ← W ⊙ M`` (exact zeros, also where W is inf/nan)."""
-        self.weight.masked_fill_(~self._element, 0)
+        """Zero the masked weights in place: ``W ← W ⊙ M`` (exact zeros, also where W is inf/nan); local shard only."""
+        self.local_weight().masked_fill_(~self._element, 0)
 
 
 def reset_optimizer_state(optimizer: torch.optim.Optimizer, param: torch.Tensor, where: torch.Tensor) -> int:
@@ -205,13 +316,16 @@ def reset_optimizer_state(optimizer: torch.optim.Optimizer, param: torch.Tensor,
 
     Covers SGD ``momentum_buffer``, Adam/AdamW ``exp_avg``, ``exp_avg_sq`` (and
     ``max_exp_avg_sq``) and any other state of the same shape; scalar state such as
-    ``step`` is left alone.  Returns how many state tensors were touched.
+    ``step`` is left alone.  For an FSDP2 (DTensor) parameter, ``where`` holds this rank's rows
+    and the local shards of the state are zeroed.  Returns how many state tensors were touched.
     """
     state = optimizer.state.get(param, {})
     touched = 0
     for value in state.values():
         if isinstance(value, torch.Tensor) and value.shape == param.shape:
-            value.masked_fill_(where.to(value.device), 0)
+            target = value.to_local() if is_dtensor(value) else value  # FSDP2: ``where`` holds this rank's rows
+            with torch.no_grad():
+                target.masked_fill_(where.to(target.device), 0)
             touched += 1
     return touched
 
@@ -275,7 +389,6 @@ class MaskManager:
         for name, module in model.named_modules():
             w = getattr(module, "weight", None)
             if isinstance(w, torch.Tensor) and w.dim() >= 2 and filt(name, module):
-                _check_not_sharded(name, w)
                 if not w.requires_grad:
                     if filter is None and filter_fn is None:
                         self.skipped_frozen.append(name)
@@ -291,6 +404,14 @@ class MaskManager:
         self.densities = layer_densities({n: l.shape for n, l in self.layers.items()}, self.sparsity, distribution)
         self.targets = allocate_units({n: l.num_units for n, l in self.layers.items()}, self.densities)
         self.generator = torch.Generator().manual_seed(seed)
+        self.comm = CommStats()
+        groups = {id(l.shard.group): l.shard.group for l in self.layers.values() if l.shard is not None}
+        if len(groups) > 1:
+            raise ValueError("the sharded layers of model lie on different device meshes: sparsevit supports one "
+                             "FSDP2 mesh per model (fully_shard every module with the same mesh)")
+        self.shard_group = next(iter(groups.values()), None)
+        for layer in self.layers.values():
+            layer.stats = self.comm
         self.collect_dense_grads = False
         self.dense_grads: dict[str, torch.Tensor] = {}
         self._hooks = [self._register_grad_hook(layer) for layer in self.layers.values()]
@@ -305,19 +426,52 @@ class MaskManager:
         """Kept units of layer ``name``: ``⌊d_l · units_l⌋`` or one more (see :func:`allocate_units`)."""
         return self.targets[name]
 
+    def refuse_sharded(self, what: str) -> None:
+        """ValueError when the managed weights are FSDP2-sharded: ``what`` needs whole weights on every rank."""
+        if self.sharded:
+            names = [n for n, l in self.layers.items() if l.shard is not None]
+            raise ValueError(
+                f"{what} does not support FSDP2-sharded weights ({names[:3]}{' ...' if len(names) > 3 else ''} are "
+                "DTensors): FSDP2 gathers each weight for compute and would not run the block-sparse kernels. Train "
+                "sharded with the masks, save the ticket (save_ticket(path, trainer), one file from all ranks), then "
+                "load_ticket(model, path) on an unsharded model (or a full state dict) and call "
+                f"{what} there, e.g. for inference or DDP fine-tuning")
+
+    @property
+    def sharded(self) -> bool:
+        """True when some managed weight is an FSDP2-sharded DTensor."""
+        return self.shard_group is not None
+
     def _init_masks(self, init: str) -> None:
         for name, layer in self.layers.items():
             k = self.target_active(name)
             if init == "dense" or k == layer.num_units:
-                scores = torch.ones(layer.num_units)
-                k = layer.num_units if init == "dense" else k
-            elif init == "random":
+                layer.local_mask = torch.ones(layer.local_unit_shape, dtype=torch.bool)
+                continue
+            if init == "random":
+                # Drawn whole on every rank (the same generator), then this rank's units kept:
+                # the same mask as one process, and the same generator state on every rank.
                 scores = torch.rand(layer.num_units, generator=self.generator)
+                layer.local_mask = topk_mask(scores, k)[layer.unit_offset: layer.unit_offset + math.prod(
+                    layer.local_unit_shape)].reshape(layer.local_unit_shape)
             else:
-                scores = layer.pool(layer.weight).flatten().cpu()
-            layer.mask = topk_mask(scores, k).reshape(layer.unit_shape)
+                layer.local_mask = layer.top_units(layer.pool(layer.local_weight()).cpu(), k)
         self.sync_masks()
         self.apply_masks()
+
+    def active_counts(self) -> dict[str, int]:
+        """``name -> kept units`` over the whole weight (one all-reduce for all sharded layers)."""
+        local = {n: int(l.local_mask.sum()) for n, l in self.layers.items()}
+        return self._global_sums(local)
+
+    def _global_sums(self, local: Mapping[str, int]) -> dict[str, int]:
+        """Per-layer integer counts summed over the shards of the sharded layers (plain layers as they are)."""
+        out = dict(local)
+        names = [n for n, l in self.layers.items() if l.shard is not None]
+        if names:
+            sums = all_reduce_sum([local[n] for n in names], self.shard_group, self.comm)
+            out.update(zip(names, sums))
+        return out
 
     def __iter__(self) -> Iterator[MaskedWeight]:
         return iter(self.layers.values())
@@ -359,18 +513,29 @@ class MaskManager:
         for layer in self.layers.values():
             layer.apply_()
 
+    def _kept_weights(self) -> dict[str, int]:
+        return self._global_sums({n: int(l.element_mask.sum()) for n, l in self.layers.items()})
+
+    def sparsity_summary(self) -> tuple[float, dict[str, float]]:
+        """``(total, per layer)`` sparsity from one count of the kept weights (one collective when sharded)."""
+        kept = self._kept_weights()
+        per_layer = {n: 1.0 - kept[n] / math.prod(l.shape) for n, l in self.layers.items()}
+        total = 1.0 - sum(kept.values()) / sum(math.prod(l.shape) for l in self.layers.values())
+        return total, per_layer
+
     def layer_sparsity(self) -> dict[str, float]:
-        """``name -> 1 − Σ M / numel`` per layer."""
-        return {n: 1.0 - l.density() for n, l in self.layers.items()}
+        """``name -> 1 − Σ M / numel`` per layer (over all shards)."""
+        return self.sparsity_summary()[1]
 
     def total_sparsity(self) -> float:
-        """``1 − Σ_l Σ M_l / Σ_l numel_l`` over the sparsified layers."""
-        kept = sum(int(l.element_mask.sum()) for l in self.layers.values())
-        total = sum(l.element_mask.numel() for l in self.layers.values())
-        return 1.0 - kept / total
+        """``1 − Σ_l Σ M_l / Σ_l numel_l`` over the sparsified layers (over all shards)."""
+        return self.sparsity_summary()[0]
 
     # -------------------------------------------------------------- gradients
     def _register_grad_hook(self, layer: MaskedWeight):
+        if layer.shard is not None:
+            return self._register_sharded_grad_hook(layer)
+
         def hook(grad: torch.Tensor) -> torch.Tensor:
             if self.collect_dense_grads:
                 prev = self.dense_grads.get(layer.name)
@@ -379,6 +544,26 @@ class MaskManager:
             return grad.masked_fill(~layer.element_mask, 0)
 
         return layer.weight.register_hook(hook)
+
+    def _register_sharded_grad_hook(self, layer: MaskedWeight):
+        """Mask this rank's gradient shard after FSDP2's reduce-scatter has accumulated it into ``.grad``.
+
+        The hook sees the accumulated gradient ``G = G_prev ⊙ M + g``; with ``D_prev`` the
+        dense gradient kept so far, the dense total is ``where(M, G, D_prev + G)``.
+        """
+        def hook(param: torch.Tensor) -> None:
+            grad = param.grad
+            if grad is None:
+                return
+            local = grad.to_local() if is_dtensor(grad) else grad
+            with torch.no_grad():
+                if self.collect_dense_grads:
+                    prev = self.dense_grads.get(layer.name)
+                    dense = local.detach().clone() if prev is None else torch.where(layer.element_mask, local, prev + local)
+                    self.dense_grads[layer.name] = dense
+                local.masked_fill_(~layer.element_mask, 0)
+
+        return layer.weight.register_post_accumulate_grad_hook(hook)
 
     # -------------------------------------------------------------- optimizer
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
@@ -426,6 +611,8 @@ class MaskManager:
         if not on or world == 1:
             return
         for layer in self.layers.values():
+            if layer.shard is not None:  # sharded masks come from exact cross-shard selections
+                continue
             buf = layer.mask.to(torch.uint8)
             buf = buf.to(_comm_device(buf))
             dist.broadcast(buf, src=0)
@@ -447,9 +634,16 @@ class MaskManager:
             "granularity": self.granularity,
             "block_size": self.block_size,
             "densities": dict(self.densities),
-            "masks": {n: l.mask.cpu().clone() for n, l in self.layers.items()},
+            "masks": {n: self._mask_state(l) for n, l in self.layers.items()},
             "generator": self.generator.get_state(),
         }
+
+    @staticmethod
+    def _mask_state(layer: MaskedWeight) -> torch.Tensor:
+        """A copy of the unit mask: CPU bool, a DTensor sharded like the weight for an FSDP2 layer (DCP-ready)."""
+        if layer.shard is None:
+            return layer.mask.cpu().clone()
+        return layer._as_dtensor(layer.local_mask.clone())
 
     def check_masks(self, masks: object, what: str = "masks") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Check ``masks`` (``name -> unit mask``, one per managed layer) without installing them.
@@ -509,7 +703,7 @@ class MaskManager:
     def _commit_state(self, checked: Mapping) -> None:
         self._install_masks(checked["masks"])
         self.densities = dict(checked["densities"])
-        self.targets = {n: int(self.layers[n].mask.sum()) for n in self.layers}
+        self.targets = self.active_counts()
         self.generator.set_state(checked["generator"])
         self.apply_masks()
 

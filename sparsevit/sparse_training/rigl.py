@@ -57,7 +57,8 @@ import torch
 from torch import nn
 
 from .density import Distribution, check_sparsity
-from .masks import LayerFilter, MaskManager, check_granularity, reset_optimizer_state, topk_mask
+from .masks import LayerFilter, MaskManager, check_granularity, reset_optimizer_state
+from .sharding import all_reduce_sum
 
 logger = logging.getLogger("sparsevit.sparse_training")
 
@@ -219,13 +220,21 @@ class DynamicSparseTraining:
         return updated
 
     def _grow_scores(self, name: str) -> torch.Tensor:
+        """This rank's units' growth scores: uniform random (SET) or the pooled ``|dense gradient|`` (RigL)."""
         layer = self.manager.layers[name]
+        device = layer.local_mask.device
         if self.grow == "random":
-            return torch.rand(layer.num_units, generator=self.manager.generator).to(layer.weight.device)
+            # Drawn whole on every rank (one generator state everywhere), this rank's units kept.
+            scores = torch.rand(layer.num_units, generator=self.manager.generator)
+            n = layer.local_mask.numel()
+            return scores[layer.unit_offset: layer.unit_offset + n].to(device)
         grad = self.manager.dense_grads.get(name)
         if grad is None:  # unused in forward: a zero gradient (module docstring)
-            grad = torch.zeros_like(layer.weight, dtype=torch.float32)
-        return self.manager.all_reduce_mean(layer.pool(grad)).flatten()
+            grad = torch.zeros(layer.local_shape, dtype=torch.float32, device=device)
+        pooled = layer.pool(grad)
+        if layer.shard is None:  # DDP: average over ranks (FSDP2 already reduce-scattered the mean)
+            pooled = self.manager.all_reduce_mean(pooled)
+        return pooled.flatten()
 
     def _check_dense_grads(self) -> None:
         """Error when backward never ran; warn (once per layer) about layers without a gradient."""
@@ -250,47 +259,56 @@ class DynamicSparseTraining:
 
     @torch.no_grad()
     def _update(self, fraction: float) -> None:
-        new_masks = {}
-        dropped = {}
+        comm_before = self.manager.comm.snapshot()
+        n_active = self.manager.active_counts()
+        new_masks, dropped = {}, {}
         for name, layer in self.manager.layers.items():
-            mask = layer.mask.flatten()
-            n_active = int(mask.sum())
-            k = int(fraction * n_active)
+            mask = layer.local_mask.flatten()
+            k = int(fraction * n_active[name])
             dropped[name] = k
             if k == 0:
-                new_masks[name] = layer.mask
+                new_masks[name] = layer.local_mask
                 continue
-            neg_inf = torch.tensor(float("-inf"), device=mask.device)
-            drop_scores = torch.where(mask, layer.pool(layer.weight).flatten(), neg_inf)
-            kept = topk_mask(drop_scores, n_active - k)
-            grow_scores = torch.where(kept, neg_inf, self._grow_scores(name).to(mask.device))
-            grown = topk_mask(grow_scores, k)
-            new_masks[name] = (kept | grown).reshape(layer.unit_shape)
-        old = {name: layer.mask for name, layer in self.manager.layers.items()}
+            # Drop the k active units of smallest pooled |W| (ties: highest index first), i.e.
+            # keep the top n − k by (|W| descending, index ascending).
+            inf = torch.tensor(float("inf"), device=mask.device)
+            drop_scores = torch.where(mask, layer.pool(layer.local_weight()).flatten(), inf)
+            kept = mask & ~layer.top_units(drop_scores, k, largest=False, low_index_first=False).flatten()
+            grow_scores = torch.where(kept, -inf, self._grow_scores(name).to(mask.device))
+            grown = layer.top_units(grow_scores, k).flatten()
+            new_masks[name] = (kept | grown).reshape(layer.local_unit_shape)
+        old = {name: layer.local_mask for name, layer in self.manager.layers.items()}
         for name, layer in self.manager.layers.items():
-            layer.mask = new_masks[name]
+            layer.local_mask = new_masks[name]
         self.manager.sync_masks()
-        regrown_total = 0
+        regrown_local = 0
         for name, layer in self.manager.layers.items():
-            regrown = layer.expand(layer.mask & ~old[name])
-            regrown_total += int(regrown.sum())
-            layer.weight.masked_fill_(regrown, 0)
+            regrown = layer.expand(layer.local_mask & ~old[name])
+            regrown_local += int(regrown.sum())
+            layer.local_weight().masked_fill_(regrown, 0)
             reset_optimizer_state(self.optimizer, layer.weight, regrown)
         self.manager.apply_masks()
+        regrown_total = regrown_local
+        if self.manager.sharded:
+            regrown_total = all_reduce_sum([regrown_local], self.manager.shard_group, self.manager.comm)[0]
+        total_sparsity, layer_sparsity = self.manager.sparsity_summary()
         record = {
             "step": self.t,
             "drop_fraction": fraction,
             "dropped_units": dropped,
             "regrown_weights": regrown_total,
-            "sparsity": self.manager.total_sparsity(),
+            "sparsity": total_sparsity,
         }
+        if self.manager.sharded:
+            after = self.manager.comm.snapshot()
+            record["comm"] = {"calls": after["calls"] - comm_before["calls"],
+                              "bytes_sent": after["bytes_sent"] - comm_before["bytes_sent"]}
         self.history.append(record)
         logger.info("%s step %d: drop fraction %.4f, %d units dropped and regrown, %d weights regrown at 0, "
                     "total sparsity %.4f", type(self).__name__, self.t, fraction, sum(dropped.values()), regrown_total,
                     record["sparsity"])
-        if logger.isEnabledFor(logging.DEBUG):
-            for name, layer in self.manager.layers.items():
-                logger.debug("  %s: %d units dropped/regrown, sparsity %.4f", name, dropped[name], 1.0 - layer.density())
+        for name in self.manager.layers:
+            logger.debug("  %s: %d units dropped/regrown, sparsity %.4f", name, dropped[name], layer_sparsity[name])
         if self.callback is not None:
             self.callback(dict(record))
 

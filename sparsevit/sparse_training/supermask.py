@@ -25,6 +25,7 @@ from torch import nn
 
 from .density import check_sparsity
 from .masks import LayerFilter, MaskedWeight, check_granularity, default_filter, topk_mask
+from .sharding import is_dtensor
 
 __all__ = ["SupermaskLayer", "convert_to_supermask", "supermask_layers", "topk_straight_through"]
 
@@ -82,8 +83,15 @@ class SupermaskLayer(nn.Module):
         return int(round(self.density * self.scores.numel()))
 
     def unit_mask(self) -> torch.Tensor:
-        """The current top-k mask of units (bool, the shape of ``scores``)."""
-        return topk_mask(self.scores.detach().abs(), self.k)
+        """The current top-k mask of units (bool, the shape of ``scores``).
+
+        Under FSDP2 (``fully_shard`` after :func:`convert_to_supermask`) the forward pass ranks
+        the gathered scores; here the sharded scores are gathered too (a collective).
+        """
+        scores = self.scores.detach()
+        if is_dtensor(scores):
+            scores = scores.full_tensor()
+        return topk_mask(scores.abs(), self.k)
 
     def block_mask(self) -> torch.Tensor:
         """The ``(M/b, K/b)`` bool block mask (ValueError for per-weight scores)."""

@@ -102,6 +102,10 @@ def save_ticket(
     The file records :data:`TICKET_FORMAT_VERSION` and :func:`ticket_checksum` of the
     masks; the metadata keys ``format``, ``format_version`` and ``sha256`` are reserved.
 
+    FSDP2: masks that are DTensors (a sharded manager's) are gathered whole (every rank
+    must call), rank 0 writes the file and every rank returns once it is written; the
+    file is the one an unsharded run with the same masks writes.
+
     ``masks`` may also be a :class:`~sparsevit.sparse_training.MaskManager`, or a trainer
     holding one (RigL, SET, StaticSparse, LotteryTicket): the file then describes itself
     (granularity, block size, layer shapes, method, sparsity; keys ``sparsevit.*``, see
@@ -118,7 +122,45 @@ def save_ticket(
     if manager is not None:
         meta.update(describe_manager(manager, type(masks).__name__))
         masks = manager.masks()
+    masks, gathered = _gather_sharded(masks)
     masks = _check_masks(masks)
+    if gathered and _rank() != 0:  # FSDP2: rank 0 writes the one file; the others wait for it
+        _barrier()
+        return "safetensors" if (safetensors_available() if use_safetensors is None else use_safetensors) else "torch"
+    try:
+        return _write(path, masks, meta, use_safetensors)
+    finally:
+        if gathered:
+            _barrier()
+
+
+def _gather_sharded(masks: object) -> tuple[object, bool]:
+    """Whole masks from FSDP2-sharded ones (DTensors; a collective every rank joins), and whether any was sharded."""
+    from .sharding import is_dtensor
+
+    if not isinstance(masks, Mapping) or not any(is_dtensor(m) for m in masks.values()):
+        return masks, False
+    whole = {}
+    for name, mask in masks.items():
+        if is_dtensor(mask):
+            mask = mask.to(torch.uint8).full_tensor().to(torch.bool) if mask.dtype == torch.bool else mask.full_tensor()
+        whole[name] = mask
+    return whole, True
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank()
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    dist.barrier()
+
+
+def _write(path: PathLike, masks: dict[str, torch.Tensor], meta: dict[str, str], use_safetensors: Optional[bool]) -> str:
     header = {"format": TICKET_FORMAT, "format_version": str(TICKET_FORMAT_VERSION), "sha256": ticket_checksum(masks)}
     if use_safetensors is None:
         use_safetensors = safetensors_available()
