@@ -16,6 +16,11 @@ The random-reinitialisation control trains the same mask from fresh weights
 (each sparsified layer drawn from ``N(0, σ_l²)``, ``σ_l`` the std of ``θ_k`` of that
 layer).  Every round's masks and metrics are kept.  Users drive the rounds from
 their own loop (``on_step``, ``prune``, ``rewind``) or call :meth:`run`.
+
+FSDP2 (``fully_shard``): pruning is an exact top-k across the shards (global scope:
+one ranking over every layer's units, which must then all be sharded), and
+``random_reinit`` draws the whole weight on every rank and keeps its rows, with σ_l
+from all-reduced moments, so tickets equal the single-process ones.
 """
 
 from __future__ import annotations

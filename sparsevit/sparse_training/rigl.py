@@ -31,6 +31,13 @@ Distributed data parallel: dense gradients are all-reduced (mean) before they
 score growth, SET draws from a generator seeded identically on every rank, and
 new masks are broadcast from rank 0, so all ranks hold the same masks.
 
+FSDP2 (``fully_shard``, build the trainer after sharding): each rank scores only its
+rows (its shard of ``|W|``, of FSDP2's reduce-scattered dense gradient, or of the whole
+random draw for SET) and the drop and grow selections are exact top-k across shards
+(:func:`~sparsevit.sparse_training.sharding.sharded_topk_mask`), so the masks equal the
+single-process run's.  Each record in ``history`` then carries ``comm``: the
+collectives and bytes this rank sent for the update.
+
 Layers without a gradient: frozen weights are left out by the default filter
 (see :class:`~sparsevit.sparse_training.masks.MaskManager`).  A sparsified layer
 that received no gradient on an update step (not used in that forward pass) is
