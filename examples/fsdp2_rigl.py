@@ -59,6 +59,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--out", default=None, help="directory for the checkpoint and the ticket (default: a temp dir)")
+    parser.add_argument("--comm-json", default=None, help="write every mask update's record (with its comm) here")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")
@@ -88,6 +89,14 @@ def main() -> None:
     ticket = os.path.join(out, "rigl.ticket")
     save_ticket(ticket, rigl)  # every rank calls; rank 0 writes one file
     sparsity = rigl.manager.total_sparsity()  # a collective under FSDP2: every rank calls it
+    if rank == 0 and args.comm_json:
+        import json
+
+        with open(args.comm_json, "w") as fh:
+            json.dump({"command": "torchrun --nproc_per_node 2 examples/fsdp2_rigl.py --comm-json PATH",
+                       "world_size": dist.get_world_size(), "backend": dist.get_backend(),
+                       "layers": len(rigl.manager.layers), "granularity": "block", "block_size": 16,
+                       "sparsity": 0.8, "updates": rigl.history}, fh, indent=1)
     if rank == 0:
         print(f"resumed at step {half}, finished at step {rigl.t}, sparsity {sparsity:.3f}; ticket {ticket}")
     dist.destroy_process_group()
