@@ -9,7 +9,8 @@ DynamicViT (Rao et al., NeurIPS 2021, Eq. 14):
   stage sum by S; ``average_stages=True`` does the same);
 * L_KL = T² · KL(softmax(y'/T) ‖ softmax(y/T)) to the dense teacher's logits y', as
   the public code computes it (``F.kl_div`` of log-probabilities, batch mean);
-* L_distill = mean over the kept final patch tokens and channels of (t − t')².
+* L_distill = mean over the kept final patch tokens and channels of (t − t')² (the
+  token count floored at 1).
 
 Defaults λ_ratio = 2, λ_KL = 0.5, λ_distill = 0.5 (the public ones).
 
@@ -54,12 +55,15 @@ def ratio_loss(decisions: Sequence[torch.Tensor], keep_ratios: Sequence[float], 
 
 
 def kept_token_mse(tokens: torch.Tensor, teacher_tokens: torch.Tensor, keep: torch.Tensor, num_prefix: int) -> torch.Tensor:
-    """Mean squared error over the kept patch tokens: Σ_{b,i} D̂_bi ‖t_bi − t'_bi‖² / (C Σ D̂)."""
+    """Mean squared error over the kept patch tokens: Σ_{b,i} D̂_bi ‖t_bi − t'_bi‖² / (C · max(Σ D̂, 1)).
+
+    The count is at least 1 so that a batch keeping no token gives 0 with a bounded gradient.
+    """
     s, t = tokens[:, num_prefix:], teacher_tokens[:, num_prefix:].detach()
     if s.shape != t.shape:
         raise ValueError(f"teacher_tokens must match the student's tokens {tuple(tokens.shape)}, got {tuple(teacher_tokens.shape)}")
     w = keep.to(s.dtype).unsqueeze(-1)
-    return (((s - t) ** 2) * w).sum() / (w.sum() * s.shape[-1]).clamp_min(1e-6)
+    return (((s - t) ** 2) * w).sum() / (w.sum().clamp_min(1.0) * s.shape[-1])
 
 
 def _check_weight(name: str, value: float) -> float:

@@ -4,12 +4,15 @@ With the current keep mask D̂ over the N patch tokens and C' = C/2:
 
     h = GELU(Linear(LayerNorm(x)))                      (B, N, C)
     z_local  = h[..., :C']                              (B, N, C')
-    z_global = Σ_i D̂_i h_i[C':] / Σ_i D̂_i                (B, 1, C')   (kept tokens only)
+    z_global = Σ_i D̂_i h_i[C':] / max(Σ_i D̂_i, 1)        (B, 1, C')   (kept tokens only)
     π = LogSoftmax(MLP([z_local, z_global]))            (B, N, 2)
 
 Index 0 of π is "keep", as in the public implementation (``PredictorLG``), whose
 parameter names (``in_conv``, ``out_conv``) this module keeps so that its weights
-load from public DynamicViT checkpoints.
+load from public DynamicViT checkpoints.  The denominator is at least 1: with hard
+decisions that keep a token it is the plain mean, and an image whose previous stage
+kept no token (a training-time sample) gets z_global = 0 with a bounded gradient
+instead of one divided by a vanishing count.
 """
 
 from __future__ import annotations
@@ -39,5 +42,5 @@ class TokenPredictor(nn.Module):
         half = h.shape[-1] // 2
         local, other = h[..., :half], h[..., half:]
         keep = keep.to(h.dtype)
-        pooled = (other * keep).sum(dim=1, keepdim=True) / keep.sum(dim=1, keepdim=True).clamp_min(1e-6)
+        pooled = (other * keep).sum(dim=1, keepdim=True) / keep.sum(dim=1, keepdim=True).clamp_min(1.0)
         return self.out_conv(torch.cat([local, pooled.expand_as(local)], dim=-1))

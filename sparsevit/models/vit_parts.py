@@ -37,11 +37,15 @@ def head_from_tokens(vit: VisionTransformer, x: torch.Tensor, patch_keep: torch.
     """Logits from final tokens (after ``vit.norm``).
 
     With average pooling and a soft/hard ``patch_keep (B, N)`` mask, the average runs
-    over the kept patch tokens only: ``Σ_i D̂_i x_i / Σ_i D̂_i``.
+    over the kept patch tokens only: ``Σ_i D̂_i x_i / max(Σ_i D̂_i, 1)``.  For hard
+    decisions that keep at least one token this is the plain mean of the kept tokens;
+    an image that keeps none (possible in training, where each stage samples its
+    decisions) pools to 0 with a bounded gradient ``∂/∂D̂_j = x_j``, where a vanishing
+    denominator would give gradients of order ``x_j / ε`` that swamp every other term.
     """
     if vit.global_pool == "avg" and patch_keep is not None:
         p = vit.num_prefix_tokens
         w = patch_keep.to(x.dtype).unsqueeze(-1)
-        pooled = (x[:, p:] * w).sum(1) / w.sum(1).clamp_min(1e-6)
+        pooled = (x[:, p:] * w).sum(1) / w.sum(1).clamp_min(1.0)
         return vit.head(vit.head_drop(vit.fc_norm(pooled)))
     return vit.forward_head(x)
