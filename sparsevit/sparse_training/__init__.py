@@ -10,6 +10,8 @@
   (Frankle & Carbin 2019, Frankle et al. 2020);
 * :mod:`.supermask` -- edge-popup supermasks on frozen random weights (Ramanujan et al. 2020);
 * :mod:`.tickets` -- masks to and from files (safetensors where available);
+* :mod:`.universal` -- :class:`UniversalTicket`: a frozen ticket with a new linear head per task
+  (Burkholz et al. 2022);
 * :mod:`.loop` -- a minimal training loop for the built-in IMP rounds and the suites;
 * :mod:`.block_sparse` -- :func:`to_block_sparse`: block-masked Linears to ``BlockSparseLinear``;
 * :mod:`.block_sparse_training` -- :func:`train_block_sparse`: sparse training on the block-sparse kernels.
@@ -26,6 +28,7 @@ from .rigl import SET, DynamicSparseTraining, RigL, StaticSparse, cosine_drop_fr
 from .supermask import SupermaskLayer, convert_to_supermask, supermask_layers, topk_straight_through
 from .ticket_apply import apply_ticket
 from .tickets import load_ticket, save_ticket
+from .universal import UniversalTicket, attach_task_head, freeze_ticket, ticket_features, ticket_sparsity
 
 __all__ = [
     "BlockSparseReport",
@@ -57,4 +60,9 @@ __all__ = [
     "save_ticket",
     "supermask_layers",
     "topk_straight_through",
+    "UniversalTicket",
+    "attach_task_head",
+    "freeze_ticket",
+    "ticket_features",
+    "ticket_sparsity",
 ]
