@@ -92,8 +92,9 @@ def _rows(seed: int, quick: bool) -> list[dict]:
     n_train, n_test = (N_TRAIN_QUICK, N_TEST_QUICK) if quick else (N_TRAIN, N_TEST)
     train, test = multi_view_splits(n_train, n_test, seed=seed, **DATA)
     x, y = train.images, train.labels
-    data = (f"K={DATA['num_classes']} V={DATA['views']} q={DATA['single_view_fraction']} noise={DATA['noise']} "
-            f"distractor={DATA['distractor']}x{DATA['num_distractors']} n_train={n_train} n_test={n_test} steps={steps}")
+    data = {"classes": DATA["num_classes"], "views": DATA["views"], "single_view_fraction": DATA["single_view_fraction"],
+            "noise": DATA["noise"], "distractors": f"{DATA['distractor']}x{DATA['num_distractors']}",
+            "n_train": n_train, "n_test": n_test, "steps": steps}
     base = 100 * seed
     ce = DistillationLoss(mode="none")
     models, times, singles = [], [], []
@@ -104,11 +105,11 @@ def _rows(seed: int, quick: bool) -> list[dict]:
         singles.append(_scores(_logits([model], test.images), test))
     mean = {k: sum(s[k] for s in singles) / MODELS for k in singles[0]}
     top1s = torch.tensor([s["top1"] for s in singles], dtype=torch.float64)
-    common = {"experiment": "multiview", "sparsity": 0.0, "seed": seed}
-    rows = [{**common, "method": "single", "setting": f"{data}; mean of {MODELS} models", **mean,
+    common = {"experiment": "multiview", "sparsity": 0.0}
+    rows = [{**common, "method": "single", "setting": {**data, "models": f"mean of {MODELS}"}, **mean,
              "train_s": sum(times) / MODELS, "top1_std": float(top1s.std()), "top1_min": float(top1s.min()),
              "top1_max": float(top1s.max()), "top1_models": top1s.tolist()}]
-    rows.append({**common, "method": "ensemble", "setting": f"{data}; mean logits of {MODELS} models",
+    rows.append({**common, "method": "ensemble", "setting": {**data, "models": f"mean logits of {MODELS}"},
                  **_scores(_logits(models, test.images), test), "train_s": sum(times)})
     kd = DistillationLoss(mode="soft", alpha=ALPHA, temperature=TEMPERATURE)
     for method, teachers, student_seed in (("distilled", models, base + MODELS), ("self-distilled", models[:1], base + MODELS + 1)):
@@ -119,7 +120,7 @@ def _rows(seed: int, quick: bool) -> list[dict]:
         student_s = _train(student, x, y, steps=steps, seed=student_seed, loss_fn=kd, teacher=teacher)
         source = f"ensemble of {MODELS}" if len(teachers) > 1 else "single model 0"
         rows.append({**common, "method": method,
-                     "setting": f"{data}; student from {source}, soft alpha={ALPHA} T={TEMPERATURE}",
+                     "setting": {**data, "teacher": source, "alpha": ALPHA, "temperature": TEMPERATURE},
                      **_scores(_logits([student], test.images), test), "train_s": teacher_s + student_s})
     return rows
 
@@ -133,9 +134,4 @@ def experiment(seed: int, quick: bool) -> list[dict]:
     """
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one intra-op thread is fastest and steady on a shared CPU
-    try:
-        return _rows(seed, bool(quick))
-    finally:
-        torch.set_num_threads(threads)
+    return _rows(seed, bool(quick))  # suites.tickets pins one intra-op thread around every part

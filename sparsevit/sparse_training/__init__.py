@@ -10,6 +10,13 @@
   (Frankle & Carbin 2019, Frankle et al. 2020);
 * :mod:`.supermask` -- edge-popup supermasks on frozen random weights (Ramanujan et al. 2020);
 * :mod:`.tickets` -- masks to and from files (safetensors where available);
+* :mod:`.pruning_at_init` -- :func:`prune_at_init`: magnitude / SNIP / SynFlow pruning at
+  initialisation, one-shot or iterative;
+* :mod:`.sign_flip` -- :class:`SignFlipOptimizer`: Bop sign learning with fixed magnitudes;
+* :mod:`.peekaboo` -- :class:`PeekABoo`: prune at init, then learn only the kept weights' signs
+  (Chen et al. 2022);
+* :mod:`.rst` -- :class:`RandomSparseTransformation`: Dual LTH, a random mask made trainable by a
+  growing L2 penalty outside it (Bai et al. 2022);
 * :mod:`.universal` -- :class:`UniversalTicket`: a frozen ticket with a new linear head per task
   (Burkholz et al. 2022);
 * :mod:`.loop` -- a minimal training loop for the built-in IMP rounds and the suites;
@@ -22,9 +29,13 @@ from .block_sparse_training import BlockSparseTrainedLinear, train_block_sparse
 from .density import DISTRIBUTIONS, layer_densities
 from .distributed_checkpoint import load_distributed_checkpoint, save_distributed_checkpoint
 from .lottery import LotteryTicket
-from .loop import accuracy, fit
+from .loop import accuracy, fit, minibatches
 from .masks import BLOCK_SIZES, GRANULARITIES, MaskedWeight, MaskManager, default_filter, reset_optimizer_state
+from .peekaboo import PeekABoo
+from .pruning_at_init import SCORES, prune_at_init, pruning_scores
+from .rst import RandomSparseTransformation, rst_lambda
 from .rigl import SET, DynamicSparseTraining, RigL, StaticSparse, cosine_drop_fraction
+from .sign_flip import SignFlipOptimizer
 from .supermask import SupermaskLayer, convert_to_supermask, supermask_layers, topk_straight_through
 from .ticket_apply import apply_ticket
 from .tickets import load_ticket, save_ticket
@@ -42,7 +53,15 @@ __all__ = [
     "LotteryTicket",
     "MaskManager",
     "MaskedWeight",
+    "PeekABoo",
+    "SCORES",
+    "SignFlipOptimizer",
+    "minibatches",
+    "prune_at_init",
+    "pruning_scores",
+    "RandomSparseTransformation",
     "RigL",
+    "rst_lambda",
     "SET",
     "StaticSparse",
     "SupermaskLayer",

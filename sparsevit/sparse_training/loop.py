@@ -7,13 +7,32 @@ the cross-entropy ``L = −(1/B) Σ_i log softmax(f(x_i))_{y_i}``.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["accuracy", "fit"]
+__all__ = ["accuracy", "fit", "minibatches"]
+
+
+def minibatches(n: int, batch_size: int, steps: int, seed: int = 0) -> Iterator[torch.Tensor]:
+    """``steps`` index batches of size ``batch_size`` into ``range(n)``: epochs of a seeded permutation.
+
+    A new permutation (``torch.randperm(n, generator=Generator().manual_seed(seed))``, drawn in
+    turn) starts whenever fewer than ``batch_size`` indices remain in the current one, so every
+    batch is full (all ``n`` indices when ``batch_size > n``) and the order is the same for the
+    same ``seed``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    g = torch.Generator().manual_seed(seed)
+    perm, pos = torch.randperm(n, generator=g), 0
+    for _ in range(steps):
+        if pos + batch_size > n:
+            perm, pos = torch.randperm(n, generator=g), 0
+        yield perm[pos : pos + batch_size]
+        pos += batch_size
 
 
 def fit(
@@ -50,17 +69,9 @@ def fit(
         raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
     if on_optimizer is not None:
         on_optimizer(opt)
-    g = torch.Generator().manual_seed(seed)
     model.train()
     losses: list[float] = []
-    n = x.shape[0]
-    perm = torch.randperm(n, generator=g)
-    pos = 0
-    for t in range(1, steps + 1):
-        if pos + batch_size > n:
-            perm, pos = torch.randperm(n, generator=g), 0
-        idx = perm[pos : pos + batch_size]
-        pos += batch_size
+    for t, idx in enumerate(minibatches(x.shape[0], batch_size, steps, seed), start=1):
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(x[idx]), y[idx])
         loss.backward()

@@ -33,6 +33,8 @@ def _worker(rank: int, init_file: str) -> None:
     try:
         for cls_name, granularity in (("RigL", "element"), ("SET", "block"), ("RigL", "block")):
             _scenario(rank, cls_name, granularity)
+        for granularity in ("element", "block"):
+            _rst_scenario(rank, granularity)
         dist.barrier()
     except BaseException:
         dist.destroy_process_group()
@@ -76,8 +78,43 @@ def _scenario(rank: int, cls_name: str, granularity: str) -> None:
     assert changed >= 1, f"{cls_name}/{granularity}: the masks never changed"
 
 
+def _same_on_every_rank(t: torch.Tensor) -> bool:
+    gathered = [torch.empty_like(t) for _ in range(WORLD)]
+    dist.all_gather(gathered, t)
+    return all(torch.equal(gathered[0], g) for g in gathered)
+
+
+def _rst_scenario(rank: int, granularity: str) -> None:
+    """RST: the random masks agree across ranks (a different seed per rank: broadcast from rank 0), the
+    penalty phase keeps the weights identical, and the removal zeroes the same weights everywhere."""
+    from st_helpers import batch, tiny_vit
+
+    from sparsevit.sparse_training import RandomSparseTransformation
+
+    model = tiny_vit(seed=rank)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.AdamW(ddp.parameters(), lr=1e-2)
+    block = 16 if granularity == "block" else None
+    rst = RandomSparseTransformation(model, 0.5, granularity=granularity, block_size=block, seed=rank,
+                                     lambda_step=0.1, lambda_every=1, penalty_steps=3, optimizer=opt)
+    flat = torch.cat([m.flatten().to(torch.uint8) for m in rst.masks().values()])
+    assert _same_on_every_rank(flat), f"RST/{granularity}: target masks differ across ranks"
+    for t in range(1, 6):
+        x, y = batch(seed=100 * rank + t)
+        opt.zero_grad()
+        nn.functional.cross_entropy(ddp(x), y).backward()
+        opt.step()
+        rst.step()
+        w = torch.cat([p.detach().flatten() for p in model.parameters()])
+        assert _same_on_every_rank(w), f"RST/{granularity}: weights differ across ranks at step {t}"
+    assert rst.finalized
+    for layer in rst.manager:
+        assert bool((layer.weight[~layer.element_mask] == 0).all())
+
+
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_ddp_masks_identical_across_ranks(tmp_path) -> None:
-    """RigL (element and block) and SET (block), one process group for all three (spawning is the slow part)."""
+    """RigL (element and block), SET (block) and RST (element and block), one process group for all (spawning
+    is the slow part)."""
     init_file = os.path.join(tmp_path, "init")
     mp.spawn(_worker, args=(init_file,), nprocs=WORLD, join=True)
