@@ -1,20 +1,21 @@
 """Part ``peekaboo`` of the ``tickets`` suite: Peek-a-Boo vs edge-popup (Chen et al., ICLR 2022).
 
-Both methods start from the same random network of :func:`suites.sparse_training.vit` on the
-digits of :func:`suites.sparse_training.digits` and never change a weight's magnitude:
+Both methods use the model of :func:`suites.sparse_training.vit` (seeded alike) on the digits
+of :func:`suites.sparse_training.digits`, and neither changes a weight's magnitude:
 
 * ``peekaboo-{magnitude,snip,synflow}``: :class:`~sparsevit.sparse_training.PeekABoo`: prune at
   initialisation (global scope; SNIP on 256 training images; SynFlow with its 100 rounds),
   then learn only the kept weights' signs with Bop (``γ = 1e-3``, ``τ = 1e-5``);
 * ``edge-popup``: :func:`~sparsevit.sparse_training.convert_to_supermask`: learn which weights to
-  keep (per-layer top-k of scores trained by AdamW), weights frozen.
+  keep (per-layer top-k of scores trained by AdamW) on frozen signed-constant weights
+  ``±sqrt(2 / fan_in)`` (its own initialisation, as in Ramanujan et al.).
 
 Same layers in both (every Linear but the head; stem, head, norms and embeddings stay frozen
-and random), same sparsity, same steps and batches.  The sparsified weights are re-drawn
-``N(0, 2 / fan_in)`` (Kaiming normal, the scale both papers use): at timm's ``std = 0.02``
-the body has too little leverage for signs alone, and the ``peekaboo-magnitude@timm-init``
-row shows what happens then.  ``train_s`` is the wall time of stage 1 plus training
-(one thread); ``prune_s`` is stage 1 alone.
+and random), same sparsity, same steps and batches.  For Peek-a-Boo the sparsified weights are
+re-drawn ``N(0, 2 / fan_in)`` (Kaiming normal, the scale of the paper's networks; edge-popup's
+constant has the same scale): at timm's ``std = 0.02`` the body has too little leverage for
+signs alone, which the ``peekaboo-magnitude@timm-init`` row shows.  ``train_s`` is the wall
+time of stage 1 plus training (one thread); ``prune_s`` is stage 1 alone.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def _peekaboo(seed: int, sparsity: float, score: str, steps: int, data, kaiming:
 def _edge_popup(seed: int, sparsity: float, steps: int, data) -> dict:
     xtr, ytr, xte, yte = data
     t0 = time.perf_counter()
-    model = convert_to_supermask(kaiming_body(vit(seed), seed), sparsity, seed=seed)
+    model = convert_to_supermask(vit(seed), sparsity, seed=seed)
     fit(model, xtr, ytr, steps=steps, lr=LR, batch_size=BATCH, seed=seed)
     train_s = time.perf_counter() - t0
     return {"experiment": "peekaboo", "method": "edge-popup",
