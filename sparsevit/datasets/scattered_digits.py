@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ScatteredDigits", "scattered_digits_splits"]
+__all__ = ["ScatteredDigits", "scattered_digits_splits", "upscaled_digits"]
 
 
 @dataclass
@@ -38,6 +38,25 @@ class ScatteredDigits:
             yield self.images[idx], self.labels[idx]
 
 
+def upscaled_digits(scale: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """All 1,797 scikit-learn digits as ``(images (n, 8·scale, 8·scale) in [0, 1], labels (n,))``.
+
+    ``images = nearest-upscale(digit / 16, scale)``: every pixel of the 8×8 digit becomes a
+    ``scale × scale`` square.
+    """
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as exc:  # pragma: no cover - exercised only without scikit-learn
+        raise ImportError("scattered digits need scikit-learn: pip install 'sparsevit[bench]'") from exc
+    if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
+        raise ValueError(f"scale must be an int >= 1, got {scale!r}")
+    digits = load_digits()
+    small = torch.tensor(digits.images, dtype=torch.float32) / 16.0
+    labels = torch.tensor(digits.target, dtype=torch.int64)
+    big = F.interpolate(small.unsqueeze(1), scale_factor=scale, mode="nearest").squeeze(1)
+    return big, labels
+
+
 def scattered_digits_splits(
     canvas: int = 64, scale: int = 2, noise: float = 0.2, test_fraction: float = 0.25, seed: int = 0, align: int = 1
 ) -> tuple[ScatteredDigits, ScatteredDigits]:
@@ -46,22 +65,15 @@ def scattered_digits_splits(
     ``align``: the digit's top-left corner is a random multiple of ``align`` pixels (1:
     anywhere; the patch size: the digit sits on the patch grid, the easier task).
     """
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as exc:  # pragma: no cover - exercised only without scikit-learn
-        raise ImportError("scattered digits need scikit-learn: pip install 'sparsevit[bench]'") from exc
     if scale < 1 or 8 * scale > canvas:
         raise ValueError(f"scale must be >= 1 with 8·scale <= canvas={canvas}, got {scale}")
     if align < 1:
         raise ValueError(f"align must be >= 1, got {align}")
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}")
-    digits = load_digits()
+    big, labels = upscaled_digits(scale)
     g = torch.Generator().manual_seed(seed)
-    small = torch.tensor(digits.images, dtype=torch.float32) / 16.0
-    labels = torch.tensor(digits.target, dtype=torch.int64)
-    n, side = small.shape[0], 8 * scale
-    big = F.interpolate(small.unsqueeze(1), scale_factor=scale, mode="nearest").squeeze(1)
+    n, side = big.shape[0], 8 * scale
     images = torch.randn(n, canvas, canvas, generator=g) * noise
     slots = (canvas - side) // align + 1
     tops = torch.randint(0, slots, (n,), generator=g) * align
