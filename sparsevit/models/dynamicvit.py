@@ -29,6 +29,7 @@ from ..integrations.timm import patch_attention
 from ..nn.masked_attention import MaskedAttention
 from ..ops import select_tokens
 from ..rounding import ceil_fraction
+from .keep_grad import clip_keep_grad
 from .predictor import TokenPredictor
 from .vit_parts import check_vit, embed_tokens, head_from_tokens
 
@@ -83,6 +84,13 @@ class DynamicViT(nn.Module):
         prune_at: 0-indexed blocks before which a predictor runs (strictly increasing,
             in [1, depth)); default the blocks at depth/4, depth/2, 3·depth/4.
         tau: Gumbel-softmax temperature in training.
+        keep_grad_clip: ``None`` (default: the exact gradient, as the public implementation)
+            or ``c > 0``: in training the gradient that reaches D̂ from the attention blocks is
+            clamped to ``[−c, c]`` per token (:func:`sparsevit.models.keep_grad.clip_keep_grad`;
+            the forward pass is unchanged).
+        detach_predictor_input: the predictors read the tokens detached, so no loss reaches
+            the backbone or an earlier stage's decisions through a predictor's input (default
+            False: not detached, as the public implementation).
 
     ``forward(images)`` returns a :class:`DynamicViTOutput` in training mode and logits
     in eval mode (``return_index=True``: also the kept patch indices per stage).
@@ -94,6 +102,8 @@ class DynamicViT(nn.Module):
         keep_ratio: float = 0.7,
         prune_at: Optional[Sequence[int]] = None,
         tau: float = 1.0,
+        keep_grad_clip: Optional[float] = None,
+        detach_predictor_input: bool = False,
     ) -> None:
         super().__init__()
         vit = check_vit(vit)
@@ -113,6 +123,13 @@ class DynamicViT(nn.Module):
         self.keep_ratio = float(keep_ratio)
         self.prune_at = prune_at
         self.tau = float(tau)
+        if keep_grad_clip is not None and (isinstance(keep_grad_clip, bool) or not isinstance(keep_grad_clip, (int, float))
+                                           or not keep_grad_clip > 0 or keep_grad_clip == float("inf")):
+            raise ValueError(f"keep_grad_clip must be None or a finite float > 0, got {keep_grad_clip!r}")
+        if not isinstance(detach_predictor_input, bool):
+            raise TypeError(f"detach_predictor_input must be a bool, got {type(detach_predictor_input).__name__}")
+        self.keep_grad_clip = None if keep_grad_clip is None else float(keep_grad_clip)
+        self.detach_predictor_input = detach_predictor_input
         self.score_predictor = nn.ModuleList([TokenPredictor(vit.embed_dim) for _ in prune_at])
 
     @property
@@ -146,13 +163,15 @@ class DynamicViT(nn.Module):
         decisions, stage = [], 0
         for i, blk in enumerate(vit.blocks):
             if stage < len(self.prune_at) and i == self.prune_at[stage]:
-                log_pi = self.score_predictor[stage](x[:, p:], decision)
+                tokens = x[:, p:].detach() if self.detach_predictor_input else x[:, p:]
+                log_pi = self.score_predictor[stage](tokens, decision)
                 hard = F.gumbel_softmax(log_pi, tau=self.tau, hard=True)[:, :, 0:1]
                 decision = hard * decision
                 decisions.append(decision.squeeze(-1))
                 stage += 1
             if stage:
-                blk.attn.keep = torch.cat([prefix, decision.squeeze(-1)], dim=1)
+                keep = torch.cat([prefix, decision.squeeze(-1)], dim=1)
+                blk.attn.keep = keep if self.keep_grad_clip is None else clip_keep_grad(keep, self.keep_grad_clip)
                 try:
                     x = blk(x)
                 finally:
