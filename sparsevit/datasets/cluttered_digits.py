@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..ops.validation import check_int
 from .scattered_digits import ScatteredDigits, upscaled_digits
 
 __all__ = ["ClutteredDigits", "cluttered_digits_splits"]
@@ -34,14 +35,6 @@ class ClutteredDigits(ScatteredDigits):
     clutter_boxes: torch.Tensor = None  # type: ignore[assignment]
     clutter_sources: torch.Tensor = None  # type: ignore[assignment]
     sources: torch.Tensor = None  # type: ignore[assignment]
-
-
-def _int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 def _beside(g: torch.Generator, canvas: int, size: int, box: tuple[int, int, int, int]) -> tuple[int, int]:
@@ -102,12 +95,12 @@ def cluttered_digits_splits(
         fragment: fragment side in 8×8 digit pixels, ``1 ≤ fragment ≤ 8``.
         align: the digit's corner is a random multiple of ``align`` pixels (1: anywhere).
     """
-    canvas = _int("canvas", canvas, 1)
-    scale = _int("scale", scale, 1)
-    clutter = _int("clutter", clutter, 0)
-    fragment = _int("fragment", fragment, 1)
-    align = _int("align", align, 1)
-    seed = _int("seed", seed, 0)
+    canvas = check_int("canvas", canvas, 1)
+    scale = check_int("scale", scale, 1)
+    clutter = check_int("clutter", clutter, 0)
+    fragment = check_int("fragment", fragment, 1)
+    align = check_int("align", align, 1)
+    seed = check_int("seed", seed, 0)
     if fragment > 8:
         raise ValueError(f"fragment must be <= 8 (digit pixels), got {fragment}")
     need = 8 * scale + (2 * fragment * scale if clutter else 0)

@@ -75,12 +75,15 @@ def check_index_range(name: str, index: torch.Tensor, size: int, size_name: str)
     data_check(ok, f"{name} entries must lie in [0, {size_name}={size}), found one outside")
 
 
-def optional_int(name: str, value: object, minimum: int = 0) -> Optional[int]:
-    """``value`` must be None or an int (not bool) >= ``minimum``."""
-    if value is None:
-        return None
+def check_int(name: str, value: object, minimum: int = 0) -> int:
+    """``value`` must be an int (not bool) >= ``minimum``: TypeError / ValueError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
+
+
+def optional_int(name: str, value: object, minimum: int = 0) -> Optional[int]:
+    """``value`` must be None or an int (not bool) >= ``minimum``."""
+    return None if value is None else check_int(name, value, minimum)

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..ops.validation import check_int
 from .density import check_sparsity
 from .masks import LayerFilter, MaskManager, _comm_device, reset_optimizer_state, topk_mask
 
@@ -47,20 +48,12 @@ def _real(name: str, value: object) -> float:
     return value
 
 
-def _count(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
 def check_schedule(lambda_init: object, lambda_step: object, lambda_every: object,
                    lambda_max: object) -> tuple[float, float, int, float]:
     """The λ schedule's arguments, checked: ``λ_0 ≥ 0``, ``η ≥ 0``, ``k ≥ 1``, ``λ_max ≥ λ_0``."""
     lam0 = _real("lambda_init", lambda_init)
     eta = _real("lambda_step", lambda_step)
-    k = _count("lambda_every", lambda_every, 1)
+    k = check_int("lambda_every", lambda_every, 1)
     lam_max = _real("lambda_max", lambda_max)
     if lam0 < 0:
         raise ValueError(f"lambda_init must be >= 0, got {lam0}")
@@ -74,8 +67,13 @@ def check_schedule(lambda_init: object, lambda_step: object, lambda_every: objec
 def rst_lambda(step: int, lambda_init: float = 0.0, lambda_step: float = 1e-4, lambda_every: int = 5,
                lambda_max: float = 1.0) -> float:
     """The RST penalty coefficient after ``step`` optimizer steps: ``min(λ_max, λ_0 + η · ⌊step / k⌋)``."""
-    lam0, eta, k, lam_max = check_schedule(lambda_init, lambda_step, lambda_every, lambda_max)
-    step = _count("step", step, 0)
+    schedule = check_schedule(lambda_init, lambda_step, lambda_every, lambda_max)
+    return _lambda_at(check_int("step", step, 0), schedule)
+
+
+def _lambda_at(step: int, schedule: tuple[float, float, int, float]) -> float:
+    """``min(λ_max, λ_0 + η · ⌊step / k⌋)`` for a checked ``schedule = (λ_0, η, k, λ_max)``."""
+    lam0, eta, k, lam_max = schedule
     return min(lam_max, lam0 + eta * (step // k))
 
 
@@ -126,7 +124,7 @@ class RandomSparseTransformation:
         if distribution not in DISTRIBUTIONS:
             raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
         self.schedule = check_schedule(lambda_init, lambda_step, lambda_every, lambda_max)
-        self.penalty_steps = None if penalty_steps is None else _count("penalty_steps", penalty_steps, 0)
+        self.penalty_steps = None if penalty_steps is None else check_int("penalty_steps", penalty_steps, 0)
         self.distribution = distribution
         self.model = model
         self.manager = MaskManager(model, self.sparsity, distribution=distribution, granularity=granularity,
@@ -168,7 +166,7 @@ class RandomSparseTransformation:
     @property
     def penalty(self) -> float:
         """``λ_t`` now (0 once the penalised weights are removed)."""
-        return 0.0 if self.finalized else min(self.schedule[3], self.schedule[0] + self.schedule[1] * (self.steps // self.schedule[2]))
+        return 0.0 if self.finalized else _lambda_at(self.steps, self.schedule)
 
     def _install_penalty(self) -> None:
         self._remove_penalty()
@@ -267,7 +265,7 @@ class RandomSparseTransformation:
         for key in ("steps", "finalized", "target_masks", "schedule", "penalty_steps", "manager"):
             if key not in state:
                 raise ValueError(f"state lacks the key {key!r}")
-        steps = _count("state steps", state["steps"], 0)
+        steps = check_int("state steps", state["steps"], 0)
         if not isinstance(state["finalized"], bool):
             raise ValueError(f"state finalized must be a bool, got {state['finalized']!r}")
         sched = state["schedule"]
@@ -277,7 +275,7 @@ class RandomSparseTransformation:
                                   sched.get("lambda_max"))
         penalty_steps = state["penalty_steps"]
         if penalty_steps is not None:
-            penalty_steps = _count("state penalty_steps", penalty_steps, 0)
+            penalty_steps = check_int("state penalty_steps", penalty_steps, 0)
         targets = self.manager.check_masks(state["target_masks"], "state target_masks")
         manager_state = self.manager.check_state(state["manager"])
         target = {n: c[0].cpu().to(torch.bool).reshape(self.manager.layers[n].local_unit_shape)
