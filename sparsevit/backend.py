@@ -14,10 +14,16 @@ shape condition (an :class:`OpSupport`).  The backend is chosen as:
 
 1. the explicit ``backend=`` argument of the op, else
 2. the ``SPARSEVIT_BACKEND`` environment variable, else
-3. the first backend of the op's preference order for the inputs' device that
-   supports them (the fastest measured one; on the CPU that is ``cpp`` for the
-   block-sparse products when the extension has its CPU kernels, else ``torch``:
-   the Triton interpreter is for testing, not speed).
+3. the first backend, in the op's default order for the inputs' device class, that
+   supports them.  The orders are one table, :data:`DEFAULT_ORDERS` (op -> device
+   class -> order), with the evidence for each entry written beside it.  Device
+   classes: ``cpu``; ``sm_90`` (compute capability 9.x and newer), ``sm_80`` (8.x)
+   and ``cuda`` (older GPUs) for CUDA tensors.  No entry is a GPU timing: none has
+   been measured on a GPU.  The GPU entries come from what the compiler makes of each
+   kernel for that architecture (``python -m sparsevit.kernel_report``: the MMA
+   instructions, ``cp.async``, vector widths, registers, spills) and from how each
+   kernel is built; the CPU entries from the CPU benchmark suites.  On the CPU the
+   Triton interpreter is for testing, never a default.
 
 An explicit request (1 or 2) that cannot be served raises
 :class:`BackendUnavailableError` listing why each backend was rejected.
@@ -43,6 +49,10 @@ __all__ = [
     "backends",
     "backend_table",
     "choose_backend",
+    "DEFAULT_ORDERS",
+    "DefaultOrder",
+    "default_order",
+    "device_class",
 ]
 
 BACKENDS: tuple[str, ...] = ("cuda", "cpp", "triton", "torch")
@@ -118,14 +128,105 @@ class Support:
 
 
 @dataclass(frozen=True)
+class DefaultOrder:
+    """The automatic backend order of one op on one device class, and why."""
+
+    order: tuple
+    reason: str
+
+
+_REPORT = "kernel report: python -m sparsevit.kernel_report"
+
+_SOFTMAX_GPU = DefaultOrder(("cuda", "torch"), "one fused CUDA kernel (one warp per row) against the reference's "
+                            "chain of elementwise kernels")
+_TOKENS_GPU = DefaultOrder(("cuda", "triton", "torch"),
+                           f"bandwidth-bound copies: both kernels move 16 bytes per access ({_REPORT}); the CUDA "
+                           "one launches without Triton's Python-side dispatch")
+
+# The one table of automatic choices: op -> device class -> order, with the evidence.
+DEFAULT_ORDERS: dict[str, dict[str, DefaultOrder]] = {
+    "block_sparse_matmul": {
+        "sm_90": DefaultOrder(("triton", "cuda", "torch"),
+                              "Triton's fp16/bf16 tiles lower to wgmma (Hopper's asynchronous MMA) with a "
+                              "cp.async pipeline; the CUDA kernel's WMMA lowers to mma.sync (HMMA) without cp.async, "
+                              f"one shared buffer and 2-byte loads ({_REPORT})"),
+        "sm_80": DefaultOrder(("triton", "cuda", "torch"),
+                              "both use mma.sync (HMMA), but only Triton's tiles are fed by a multi-stage cp.async "
+                              f"pipeline with 16-byte loads ({_REPORT})"),
+        "cuda": DefaultOrder(("cuda", "triton", "torch"),
+                             "GPUs before sm_80: the kernel report covers sm_80 and sm_90 only; the CUDA kernel is "
+                             "built for the extension's TORCH_CUDA_ARCH_LIST"),
+        "cpu": DefaultOrder(("cpp", "torch"),
+                            "the C++ CPU kernels compute only the kept blocks (blocksparse and vit_blocksparse CPU "
+                            "suites); the Triton interpreter is for tests"),
+    },
+    "masked_attention": {
+        "sm_90": DefaultOrder(("triton", "cuda", "torch"),
+                              "one fused flash-style Triton kernel (wgmma, cp.async; the N×N scores never reach "
+                              "DRAM); the cuda path is cuBLAS QKᵀ and ÃV around the CUDA masked softmax, which "
+                              f"writes and reads the N×N matrix ({_REPORT})"),
+        "sm_80": DefaultOrder(("triton", "cuda", "torch"),
+                              "the fused Triton kernel (mma.sync, cp.async) keeps the N×N scores on chip; the cuda "
+                              f"path writes them to DRAM ({_REPORT})"),
+        "cuda": DefaultOrder(("triton", "cuda", "torch"),
+                             "the fused kernel's traffic is O(N·D) against the cuda path's O(N²) per head"),
+        "cpu": DefaultOrder(("torch",), "the PyTorch reference; the Triton interpreter is for tests"),
+    },
+    "masked_softmax": {klass: _SOFTMAX_GPU for klass in ("sm_90", "sm_80", "cuda")}
+    | {"cpu": DefaultOrder(("torch",), "the only CPU implementation")},
+    "token_gather": {"sm_90": _TOKENS_GPU, "sm_80": _TOKENS_GPU,
+                     "cuda": DefaultOrder(("cuda", "triton", "torch"), "bandwidth-bound copies; the CUDA kernel "
+                                          "launches without Triton's Python-side dispatch"),
+                     "cpu": DefaultOrder(("torch",), "torch's index_select / scatter kernels; the Triton "
+                                         "interpreter is for tests")},
+}
+
+_GENERIC = {
+    "cuda": DefaultOrder(("cuda", "triton", "torch"), "no entry in DEFAULT_ORDERS: the native kernels first"),
+    "cpu": DefaultOrder(("cpp", "torch"), "no entry in DEFAULT_ORDERS: the native kernels first"),
+}
+DEVICE_CLASSES: tuple[str, ...] = ("sm_90", "sm_80", "cuda", "cpu")
+
+
+def device_class(device: torch.device, capability: Optional[tuple[int, int]] = None) -> str:
+    """The row of :data:`DEFAULT_ORDERS` for ``device``: ``cpu``, ``sm_90`` (capability ≥ 9.0),
+    ``sm_80`` (8.x) or ``cuda`` (older).  ``capability`` overrides the device's own."""
+    if device.type != "cuda":
+        return "cpu"
+    major = (capability or _capability(device.index))[0]
+    return "sm_90" if major >= 9 else "sm_80" if major == 8 else "cuda"
+
+
+_CAPABILITIES: dict = {}
+
+
+def _capability(index: Optional[int]) -> tuple[int, int]:
+    index = torch.cuda.current_device() if index is None else index
+    if index not in _CAPABILITIES:
+        _CAPABILITIES[index] = tuple(torch.cuda.get_device_capability(index))
+    return _CAPABILITIES[index]
+
+
+def default_order(op: str, klass: str) -> DefaultOrder:
+    """The automatic order of ``op`` on device class ``klass`` (see :data:`DEFAULT_ORDERS`)."""
+    if klass not in DEVICE_CLASSES:
+        raise ValueError(f"device class must be one of {DEVICE_CLASSES}, got {klass!r}")
+    rows = DEFAULT_ORDERS.get(op)
+    if rows is None:
+        return _GENERIC["cpu" if klass == "cpu" else "cuda"]
+    return rows[klass]
+
+
+@dataclass(frozen=True)
 class OpSupport:
-    """Per-backend support of one op and its preference order per device type."""
+    """Per-backend support of one op; its automatic order is its :data:`DEFAULT_ORDERS` row."""
 
     op: str
     backends: dict = field(default_factory=dict)
-    preference: dict = field(
-        default_factory=lambda: {"cuda": ("cuda", "triton", "torch"), "cpu": ("torch",)}
-    )
+
+    def order_for(self, device: torch.device) -> tuple:
+        """The automatic backend order on ``device`` (device class -> :func:`default_order`)."""
+        return default_order(self.op, device_class(device)).order
 
     def reject_reason(self, backend: str, tensors: Sequence[torch.Tensor], dtype: torch.dtype, device_type: str) -> Optional[str]:
         err = _backend_error(backend, device_type)
@@ -176,8 +277,7 @@ def choose_backend(
             f"({device_type}, {dtype}): {reason}. "
             + _all_reasons(support, tensors, dtype, device_type)
         )
-    order = support.preference.get(device_type, ("torch",))
-    for name in order:
+    for name in support.order_for(tensors[0].device):
         if support.reject_reason(name, tensors, dtype, device_type) is None:
             return name
     raise BackendUnavailableError(
@@ -232,7 +332,33 @@ def backend_table() -> str:
     lines.append("triton: " + (_triton_error() or ("interpreter (TRITON_INTERPRET=1)" if triton_interpreter_enabled() else "compiled")))
     env = os.environ.get(ENV_VAR)
     lines.append(f"{ENV_VAR}={env!r}" if env else f"{ENV_VAR} unset: automatic choice per op and device")
+    lines += ["", *default_lines()]
     return "\n".join(lines)
+
+
+def default_lines(classes: Optional[Sequence[str]] = None) -> list[str]:
+    """Per op and device class: the automatic default here, its order and the reason.
+
+    ``classes`` defaults to ``cpu`` plus the visible GPU's class (``sm_90`` when no GPU
+    is visible, marked as such).  The default is the first backend of the order that
+    can run on that device type here (dtype and shape conditions aside).
+    """
+    gpu_here = torch.cuda.is_available()
+    if classes is None:
+        classes = ["cpu", device_class(torch.device("cuda")) if gpu_here else "sm_90"]
+    lines = ["default backend per op (first available of the order; DEFAULT_ORDERS):"]
+    for klass in classes:
+        device_type = "cpu" if klass == "cpu" else "cuda"
+        where = klass if device_type == "cpu" or gpu_here else f"{klass}, no GPU visible here"
+        lines.append(f"  on {where}:")
+        for op in DEFAULT_ORDERS:
+            entry = default_order(op, klass)
+            if device_type == "cuda" and not gpu_here:
+                chosen = entry.order[0]
+            else:
+                chosen = next((b for b in entry.order if _backend_error(b, device_type) is None), "torch")
+            lines.append(f"    {op}: {chosen} (order {' > '.join(entry.order)}) -- {entry.reason}")
+    return lines
 
 
 class BackendStatusList(list):

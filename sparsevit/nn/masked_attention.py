@@ -69,7 +69,7 @@ def _softmax_backend(scores: torch.Tensor) -> Optional[str]:
     if env not in BACKENDS or env in MASKED_SOFTMAX_SUPPORT.backends:
         return None
     device = scores.device.type
-    for name in MASKED_SOFTMAX_SUPPORT.preference.get(device, ("torch",)):
+    for name in MASKED_SOFTMAX_SUPPORT.order_for(scores.device):
         if MASKED_SOFTMAX_SUPPORT.reject_reason(name, [scores], scores.dtype, device) is None:
             return name
     return "torch"

@@ -51,7 +51,6 @@ BLOCK_SPARSE_SUPPORT = OpSupport(
         "triton": Support(),
         "torch": Support(),
     },
-    preference={"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")},
 )
 
 # index = [row_offsets, col_indices, row_indices, col_offsets, bsc_row_indices, bsc_perm]

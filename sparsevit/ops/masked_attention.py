@@ -65,7 +65,6 @@ MASKED_ATTENTION_SUPPORT = OpSupport(
         "triton": Support(check=_triton_check),
         "torch": Support(),
     },
-    preference={"cuda": ("triton", "cuda", "torch"), "cpu": ("torch",)},
 )
 
 
