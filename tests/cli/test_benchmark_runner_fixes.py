@@ -173,5 +173,9 @@ def test_digits_progress_per_case(tmp_path, monkeypatch: pytest.MonkeyPatch, cap
     assert run.main(["--suite", "digits", "--quick", "--out", str(out), "--device", "cpu"]) == 0
     captured = capsys.readouterr()
     lines = [line for line in captured.err.splitlines() if line.startswith("digits [")]
-    assert len(lines) == 5 and "ETA" in lines[0] and lines[-1].endswith("done")
+    assert len(lines) == 10 and "ETA" in lines[0] and lines[-1].endswith("done")  # 5 models × 2 variants
     assert "top-1" in captured.out and os.path.exists(tmp_path / "digits.png")
+    records = json.loads(out.read_text())["records"]
+    for variant in ("scattered", "cluttered"):
+        ops = {r["op"] for r in records if r["shape"]["variant"] == variant}
+        assert {"dense", "dynamicvit rho=0.7", "dynamicvit rho=0.5"} <= ops, (variant, ops)
