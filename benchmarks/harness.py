@@ -115,6 +115,8 @@ class Record:
     gbps: Optional[float] = None
     tflops: Optional[float] = None
     frac_copy_bandwidth: Optional[float] = None
+    floor_ms: Optional[float] = None  # the roofline floor max(flops / peak, bytes / bandwidth), an estimate
+    frac_of_floor: Optional[float] = None  # floor_ms / median_ms: 1.0 is the roofline
     speedup_vs_baseline: Optional[float] = None
     max_abs_error: Optional[float] = None
     extra: dict = field(default_factory=dict)
@@ -144,6 +146,24 @@ class Runner:
         self.peaks["copy_gbps"] = copy_bandwidth_gbps(self.device)
         if matmul:
             self.peaks["matmul_tflops_bf16"] = matmul_peak_tflops(self.device)
+
+    def floor_ms(self, flops: Optional[float], nbytes: Optional[float], dtype: str = "bfloat16") -> Optional[float]:
+        """The roofline floor in ms from this run's measured peaks, an analytic estimate:
+
+        ``floor = max(flops / peak_flops, bytes / copy_bandwidth)``, with ``flops`` the work on
+        nonzero blocks only and ``bytes`` the minimum traffic (each operand read once, the
+        output written once).  The compute peak is the measured bf16 matmul rate (fp16 and
+        fp32 records use it too: an optimistic floor for fp32).  None when neither the work
+        nor a peak for it is known.
+        """
+        parts = []
+        peak = self.peaks.get("matmul_tflops_bf16")
+        if flops is not None and peak:
+            parts.append(flops / (peak * 1e12))
+        bandwidth = self.peaks.get("copy_gbps")
+        if nbytes is not None and bandwidth:
+            parts.append(nbytes / (bandwidth * 1e9))
+        return 1e3 * max(parts) if parts else None
 
     def check(self, what: str, out: torch.Tensor, ref: torch.Tensor, atol: float = 0.0, rtol: float = 0.0) -> float:
         """Raise if ``out`` differs from ``ref``; return the max abs error."""
@@ -196,6 +216,10 @@ class Runner:
                 record.frac_copy_bandwidth = record.gbps / self.peaks["copy_gbps"]
         if record.flops is not None and seconds > 0:
             record.tflops = record.flops / seconds / 1e12
+        floor = self.floor_ms(record.flops, record.bytes, record.dtype)
+        if floor is not None and seconds > 0:
+            record.floor_ms = floor
+            record.frac_of_floor = floor / record.median_ms
         self.records.append(record)
         return record
 
@@ -231,7 +255,7 @@ def spread_warning(records: Sequence[Record]) -> Optional[str]:
 def format_table(records: Sequence[Record]) -> str:
     """A fixed-width text table of the records: medians with their spread, skipped rows with
     their reason, an accuracy column when the records have one, and the spread warning."""
-    header = ["op", "shape", "dtype", "impl", "ms", "IQR", "GB/s", "%copy", "TFLOP/s", "vs baseline"]
+    header = ["op", "shape", "dtype", "impl", "ms", "IQR", "GB/s", "%copy", "TFLOP/s", "%floor", "vs baseline"]
     metrics = [(key, title) for key, title in (("top1", "top-1"), ("accuracy", "accuracy"))
                if any(key in r.extra for r in records)]
     header += [title for _, title in metrics]
@@ -251,6 +275,7 @@ def format_table(records: Sequence[Record]) -> str:
             "" if r.gbps is None else f"{r.gbps:.1f}",
             "" if r.frac_copy_bandwidth is None else f"{100 * r.frac_copy_bandwidth:.0f}%",
             "" if r.tflops is None else f"{r.tflops:.2f}",
+            "" if r.frac_of_floor is None else f"{100 * r.frac_of_floor:.0f}%",
             "" if r.speedup_vs_baseline is None else f"{r.speedup_vs_baseline:.2f}x {r.baseline}",
         ] + [f"{100 * r.extra[key]:.1f}%" if key in r.extra else "" for key, _ in metrics])
     # A skip reason spans the columns after it, so it does not widen them.

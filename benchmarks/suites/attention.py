@@ -178,10 +178,13 @@ def _case(runner: Runner, b: int, h: int, n: int, d: int, dtype: torch.dtype, ma
 
     shape = {"B": b, "H": h, "N": n, "D": d, "keep": KEEP if masked else 1.0, "mode": mode}
     flops = 4 * b * h * n * n * d * (3.5 if grad else 1.0)
+    # Minimum traffic: q, k, v read and o written (forward); the backward adds q, k, v, o and
+    # dO read and dq, dk, dv written; the keep mask (B, N) fp32 is read once per pass.
+    nbytes = (12 if grad else 4) * b * h * n * d * q.element_size() + (b * n * 4 * (2 if grad else 1) if masked else 0)
     op = f"masked_attention[{mode}]" if masked else f"attention[{mode}]"
     base_fn = call(lambda q, k, v, keep, extra: F.scaled_dot_product_attention(q, k, v, scale=scale))
     base_ms = time_ms(rotating(packed, base_fn), dev)
-    runner.add(Record("attention", op, "sdpa(no mask)", None, None, dt, shape, base_ms, flops=int(flops),
+    runner.add(Record("attention", op, "sdpa(no mask)", None, None, dt, shape, base_ms, flops=int(flops), bytes=int(nbytes),
                       extra={"peak_mb": _peak_mb(lambda: base_fn(*packed[0]), dev)}))
     impls, skipped = _impls(runner, masked, scale, flex, (q, k, v))
     for name, (backend, fn) in impls.items():
@@ -194,7 +197,7 @@ def _case(runner: Runner, b: int, h: int, n: int, d: int, dtype: torch.dtype, ma
             scale_r = 1.0 + float(r.abs().max())
             err = max(err, runner.check(f"{name} {mode} {names[i]}", a.float() / scale_r, r / scale_r, **tol))
         ms = time_ms(rotating(packed, call(fn)), dev)
-        runner.add(Record("attention", op, name, backend, "sdpa(no mask)", dt, shape, ms, flops=int(flops),
+        runner.add(Record("attention", op, name, backend, "sdpa(no mask)", dt, shape, ms, flops=int(flops), bytes=int(nbytes),
                           speedup_vs_baseline=base_ms / ms, max_abs_error=err,
                           extra={"peak_mb": _peak_mb(lambda: call(fn)(*packed[0]), dev)}))
     for backend, reason in skipped.items():

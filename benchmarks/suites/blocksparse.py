@@ -158,7 +158,7 @@ def _point(runner: Runner, batch: int, fin: int, fout: int, bs: int, sparsity: f
     for op, flops, nbytes in (("linear_fwd", fwd_flops, fwd_bytes), ("linear_fwd_bwd", 3 * fwd_flops, bwd_bytes)):
         group = timings["fwd" if op == "linear_fwd" else "fwd+bwd"]
         base_ms = group["F.linear"][0]
-        floor_ms = _roofline_ms(runner, flops, nbytes)
+        floor_ms = runner.floor_ms(flops, nbytes)
         extra = {"density": density, "ideal_speedup": 1.0 / density, "roofline_ms": floor_ms}
         dense_bytes = nbytes + (fin * fout - kept) * es * (1 if op == "linear_fwd" else 2)
         runner.add(Record("blocksparse", op, "F.linear", None, None, dt, shape, base_ms,
@@ -194,14 +194,6 @@ def _no_grad(fn: Callable, x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
 def _train_step(fn: Callable, x: torch.Tensor, dy: torch.Tensor) -> None:
     y = fn(x, dy)
     y.backward(dy)
-
-
-def _roofline_ms(runner: Runner, flops: float, nbytes: float) -> float:
-    peak = runner.peaks.get("matmul_tflops_bf16")
-    bw = runner.peaks.get("copy_gbps")
-    compute = flops / (peak * 1e12) if peak else 0.0
-    memory = nbytes / (bw * 1e9) if bw else 0.0
-    return 1e3 * max(compute, memory)
 
 
 def _bsr_impl(masked: torch.Tensor, bs: int) -> Optional[Callable]:

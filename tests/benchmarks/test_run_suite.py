@@ -36,3 +36,21 @@ def test_check_refuses_wrong_results() -> None:
     runner = harness.Runner("demo", torch.device("cpu"), True, [torch.float32], ["torch"])
     with pytest.raises(AssertionError, match="refusing to time it"):
         runner.check("demo op", torch.ones(3), torch.zeros(3))
+
+
+def test_roofline_floor_in_every_record_with_work_and_peaks() -> None:
+    runner = harness.Runner("demo", torch.device("cpu"), True, [torch.float32], ["torch"])
+    runner.peaks.update(copy_gbps=100.0, matmul_tflops_bf16=2.0)
+    # 4 GFLOP at 2 TFLOP/s = 2 ms; 100 MB at 100 GB/s = 1 ms: compute-bound, floor 2 ms.
+    rec = runner.add(harness.Record("demo", "op", "impl", "torch", None, "bfloat16", {"N": 1}, 8.0,
+                                    bytes=100_000_000, flops=4_000_000_000))
+    assert rec.floor_ms == pytest.approx(2.0) and rec.frac_of_floor == pytest.approx(0.25)
+    # Memory-bound: 1 GFLOP (0.5 ms) against 300 MB (3 ms).
+    rec = runner.add(harness.Record("demo", "op", "impl", "torch", None, "bfloat16", {"N": 2}, 6.0,
+                                    bytes=300_000_000, flops=1_000_000_000))
+    assert rec.floor_ms == pytest.approx(3.0) and rec.frac_of_floor == pytest.approx(0.5)
+    assert runner.floor_ms(None, None) is None
+    bare = harness.Runner("demo", torch.device("cpu"), True, [torch.float32], ["torch"])
+    assert bare.add(harness.Record("demo", "op", "impl", None, None, "float32", {"N": 3}, 1.0, flops=10)).floor_ms is None
+    table = harness.format_table(runner.records)
+    assert "%floor" in table.splitlines()[0] and "25%" in table and "50%" in table
