@@ -9,7 +9,7 @@ Two variants of one generator, each its own set of records (``shape["variant"]``
   the same canvas with fragments of *other* digits beside the labelled one, and train
   and test splits drawn from disjoint digits.
 
-On each, a small timm ViT (class token, average pooling) is trained from scratch; then, from it:
+On each, a small timm ViT (its class token as the pooled feature) is trained from scratch; then, from it:
 
 * DynamicViT at ρ = 0.7 and 0.5, fine-tuned with the dense model as teacher
   (DynamicViTLoss: CE + λ_ratio·ratio + 0.5·KL + 0.5·token MSE; predictors at lr 1e-3
@@ -81,9 +81,12 @@ def vit_flops(embed_dim: int, tokens_per_block: list[int], mlp_ratio: float = 4.
 
 
 def _vit(cfg: Config, seed: int) -> VisionTransformer:
+    """The suite's ViT.  The class token is the pooled feature: with average pooling the
+    feature is the mean of every patch token, so dropping tokens shifts it away from what
+    the head was trained on (see the README's DynamicViT diagnosis)."""
     torch.manual_seed(seed)
     return VisionTransformer(img_size=cfg.canvas, patch_size=cfg.patch, embed_dim=cfg.embed_dim, depth=cfg.depth,
-                             num_heads=cfg.heads, num_classes=10, global_pool="avg")
+                             num_heads=cfg.heads, num_classes=10, global_pool="token")
 
 
 def _throughput(runner: Runner, predict, images: torch.Tensor) -> float:
