@@ -139,7 +139,7 @@ def _sdd_impl(a: torch.Tensor, b: torch.Tensor, index: list[torch.Tensor], block
     a3, b3 = _batch_3d(a), _batch_3d(b)
     if backend in _NATIVE_BACKENDS:
         return _native("sdd", backend)(a3, b3, rows, cols, block_size)
-    return _triton().sdd(a3, b3, rows, cols, block_size)
+    return _triton().sdd(a3, b3, index[_COL_OFFSETS], index[_BSC_ROWS], index[_BSC_PERM], block_size)
 
 
 # ----------------------------------------------------------------------------------

@@ -101,13 +101,13 @@ def test_batch_past_the_grid_limit(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(kernels, "MAX_GRID_DIM", 2)
     batches = []
-    launch = kernels._launch_rowlist
+    launch = kernels._launch_dds
 
-    def spy(values, offsets, indices, perm, transpose_blocks, x, out):
+    def spy(values, offsets, indices, perm, transpose_blocks, a, out):
         batches.append(out.shape[0])
-        return launch(values, offsets, indices, perm, transpose_blocks, x, out)
+        return launch(values, offsets, indices, perm, transpose_blocks, a, out)
 
-    monkeypatch.setattr(kernels, "_launch_rowlist", spy)
+    monkeypatch.setattr(kernels, "_launch_dds", spy)
     dev = device_for("triton")
     layout = _layout(dev)
     m, k = layout.shape
