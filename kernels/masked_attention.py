@@ -39,26 +39,40 @@ and ``dm_i = ρ_i (dO_i · V̄ / N − Δ_i)`` (``V̄ = Σ_j v_j``; ``∂out_i/�
 
 The max correction is one ``where`` on the argmax column of each row, deterministic,
 no atomics.  Cost of this form against a plain online softmax: the forward keeps two
-more per-row registers (``m_i``, ``j*_i``) and does one more row reduction per tile
-(the all-key max, with its first index when eps > 0); per score it adds one add
-(``(P − m^w) + log G``), and ``log keep`` is taken once per key per tile.  ``V̄`` and
-the eps terms' share of dV, ``Σ_i (ρ_i / N) dO_i``, are one torch reduction each,
-outside the kernels.  The backward adds, per score, a compare and select for the
-``G = 0`` guard and one for the argmax column (its padding masks are gone), and
-reads three more values per row (``ρ``, ``j*``, ``dm``).  The float32 output costs 4
+more per-row registers (``m_i``, ``j*_i``) and, when eps > 0, does two more row
+reductions per tile (the all-key max, then the least column that attains it: cheaper
+in registers than one max that carries an index per score); per score it adds one add
+(``(P − m^w) + log G``), ``log keep`` is taken once per key per tile and ``log G_ii``
+once per query row.  ``V̄`` and the eps terms' share of dV, ``Σ_i (ρ_i / N) dO_i``,
+are one torch reduction each, outside the kernels.  The backward adds, per score, a
+compare and select for the ``G = 0`` guard and one for the argmax column (its padding
+masks are gone), and reads three more values per row (``ρ``, ``j*``, ``dm``).  The
+dK/dV kernel works on transposed ``(keys × queries)`` tiles, so that its per-key
+values (the gate, the dkeep sums) are per-row registers.  The float32 output costs 4
 bytes per output element of memory held for the backward, only when a gradient is
-needed and the inputs are float16/bfloat16.  Registers (ptxas for sm_90a, bf16,
-D = 64, keep and eps > 0, before → after): forward 128×64 tiles, 8 warps 230 → 236,
-no spills; 64×64, 4 warps 8 → 0 bytes spilled; 128×64, 4 warps 124 → 436 bytes
-spilled (the autotuner has the others); dK/dV 64×64, 8 warps 226 registers → 255 and
-24 bytes spilled, 4 warps 36 → 76; dQ 64×64, 8 warps 198 → 225, 4 warps 16 → 12.
+needed and the inputs are float16/bfloat16.
+
+Registers.  The autotune lists (``_CONFIG_TABLE``) depend on the kernel, the kind of
+product (float16/bfloat16 with wgmma on sm_90, with mma elsewhere; fp32 as FMA) and
+the head-dim class: every entry compiles (ptxas; the wgmma lists for sm_90a, the mma
+lists for sm_80, the FMA lists for both; contiguous inputs) without spilling for head
+dims 32, 64, 128 and 256, with and without a keep mask, and the wgmma lists use no
+other tensor-core instruction.  ptxas takes every register it finds useful (up to
+255), so the measure of pressure is the least register cap that still compiles without
+spilling.  For bf16, D = 64, keep and eps > 0 on sm_90a (registers used / least cap, in
+steps of 8): forward 128×64 tiles, 4 warps 255 / 232 (with a single max-with-indices
+reduction for ``j*``: 255 / more than 255), 8 warps 178 / 128 (without a keep mask:
+230 / 208 and 116 / 96); dK/dV 64×64, 4 warps 255 / 224 and 64 queries × 128 keys,
+8 warps 255 / 208 (on (queries × keys) tiles, with the per-key values across the
+columns, these two spill 80 and 876 bytes); dQ 64×64, 4 warps 193 / 184.
 Speed is not measured here (the interpreter says nothing about it).
 
 A negative, NaN or infinite ``keep_j`` is turned into a NaN gate for every query
 (the diagonal included), so the whole batch element comes out NaN, as in the
 reference.  In-slice offsets are int64 (``N × row stride`` may exceed 2³¹ in one
 (b, h) slice).  Head dims are padded to a power of two (``BLOCK_D``) with masked
-loads, any N works (the last tile is masked), inputs may have any strides.  Products
+loads, any N works (the last tile is masked), inputs may have any strides (the head
+dim is read as contiguous: an input with another head-dim stride is copied).  Products
 accumulate in float32; fp32 inputs use IEEE (not TF32) products.  Under
 ``TRITON_INTERPRET=1`` fixed small tiles are used; on a GPU the tile sizes are autotuned.
 """
@@ -103,12 +117,13 @@ def _off(idx, stride):
 
 
 @triton.jit
-def _gate(KEEP, b, skpb, skpn, offs_n, n_ok):
-    """``(G_ij for j ≠ i, G_jj)`` per key of the tile: ``keep_j`` and 1, both NaN when
-    ``keep_j`` is negative or not finite (padding keys: 0 and 1)."""
-    kp = tl.load(KEEP + b * skpb + _off(offs_n, skpn), mask=n_ok, other=0.0).to(tl.float32)
-    ok = (kp >= 0) & (kp < float("inf"))
-    return tl.where(ok, kp, float("nan")), tl.where(ok, 1.0, float("nan"))
+def _gate(KEEP, b, skpb, skpn, offs, ok):
+    """``(G_ij for j ≠ i, G_jj)`` for the tokens ``offs``: ``keep`` and 1, both NaN when
+    ``keep`` is negative or not finite (padding tokens: 0 and 1).  Used for keys (the
+    off-diagonal gate) and for queries (the diagonal one, ``G_ii``, as a per-row value)."""
+    kp = tl.load(KEEP + b * skpb + _off(offs, skpn), mask=ok, other=0.0).to(tl.float32)
+    good = (kp >= 0) & (kp < float("inf"))
+    return tl.where(good, kp, float("nan")), tl.where(good, 1.0, float("nan"))
 
 
 @triton.jit
@@ -121,9 +136,9 @@ def _log(g):
 @triton.jit
 def _masked_attention_fwd_kernel(
     Q, K, V, KEEP, VBAR, O, O32, MW, LAM, RHO, JSTAR,
-    sqb, sqh, sqn, sqd,
-    skb, skh, skn, skd,
-    svb, svh, svn, svd,
+    sqb, sqh, sqn,
+    skb, skh, skn,
+    svb, svh, svn,
     skpb, skpn,
     H, N, D,
     scale, log_eps, inv_n,
@@ -131,6 +146,15 @@ def _masked_attention_fwd_kernel(
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """One program per (query block, (b, h)): the online weighted softmax over key tiles.
+
+    Per tile, ``s = P`` (−inf on padding keys); with the eps terms, ``m_i = max_j s_ij``
+    and its first argmax ``j*_i`` (two plain row reductions: the max, then the least
+    column where ``s`` equals it); with a keep mask, the weighted scores ``s + log G`` with ``log G_ij =
+    log keep_j`` off the diagonal and ``log G_ii`` a per-row value (0, or NaN for a bad
+    ``keep_i``).  ``m^w ← max(m^w, max_j (s + log G))``, ``α = exp(m^w_old − m^w)``,
+    ``w = exp((s − m^w) + log G)``, ``l ← α l + Σ_j w``, ``acc ← α acc + w V``.
+    """
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -139,7 +163,7 @@ def _masked_attention_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < N
     d_ok = offs_d < D
-    q = tl.load(Q + b * sqb + h * sqh + _off(offs_m[:, None], sqn) + _off(offs_d[None, :], sqd),
+    q = tl.load(Q + b * sqb + h * sqh + _off(offs_m[:, None], sqn) + offs_d[None, :],
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
@@ -148,24 +172,29 @@ def _masked_attention_fwd_kernel(
     m_w = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)    # max_j (P_ij + log G_ij)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if HAS_KEEP:
+        # log G_ii per query row: the diagonal needs no per-key vector
+        g_ii = _gate(KEEP, b, skpb, skpn, offs_m, m_ok)[1]
+        log_g_ii = _log(g_ii)
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
-        kt = tl.load(k_base + _off(offs_n[None, :], skn) + _off(offs_d[:, None], skd),
+        kt = tl.load(k_base + _off(offs_n[None, :], skn) + offs_d[:, None],
                      mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-        v = tl.load(v_base + _off(offs_n[:, None], svn) + _off(offs_d[None, :], svd),
+        v = tl.load(v_base + _off(offs_n[:, None], svn) + offs_d[None, :],
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         s = _dot(q, kt, PRECISION, UPCAST) * scale
         s = tl.where(n_ok[None, :], s, float("-inf"))
         if HAS_KEEP:
             if HAS_EPS:
-                tile_max, first = tl.max(s, 1, return_indices=True, return_indices_tie_break_left=True)
-                j_star = tl.where(tile_max > m_all, start_n + first, j_star)  # strict: earlier tiles win ties
-            else:
+                # the first argmax as a second reduction (a max with indices carries an
+                # index per score through the reduction and costs a tile of registers)
                 tile_max = tl.max(s, 1)
-            m_all = tl.maximum(m_all, tile_max)
-            g_off, g_diag = _gate(KEEP, b, skpb, skpn, offs_n, n_ok)
-            log_g = tl.where(offs_m[:, None] == offs_n[None, :], _log(g_diag)[None, :], _log(g_off)[None, :])
+                first = tl.min(tl.where(s == tile_max[:, None], offs_n[None, :], N), 1)
+                j_star = tl.where(tile_max > m_all, first, j_star)  # strict: earlier tiles win ties
+                m_all = tl.maximum(m_all, tile_max)
+            g_off = _gate(KEEP, b, skpb, skpn, offs_n, n_ok)[0]
+            log_g = tl.where(offs_m[:, None] == offs_n[None, :], log_g_ii[:, None], _log(g_off)[None, :])
             m_new = tl.maximum(m_w, tl.max(s + log_g, 1))
         else:
             log_g = 0.0
@@ -217,13 +246,13 @@ def _masked_attention_fwd_kernel(
 @triton.jit
 def _masked_attention_bwd_delta_kernel(
     O, DO, VBAR, RHO, DELTA, DM,
-    sob, soh, son, sod,
-    sdb, sdh, sdn, sdd,
+    sob, soh, son,
+    sdb, sdh, sdn,
     H, N, D,
     inv_n,
     HAS_EPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # Δ_i = dO_i · O_i and dm_i = ρ_i (dO_i · V̄ / N − Δ_i) in float32, BLOCK_M rows per program.
+    """``Δ_i = dO_i · O_i`` and ``dm_i = ρ_i (dO_i · V̄ / N − Δ_i)`` in float32, BLOCK_M rows per program."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -233,8 +262,8 @@ def _masked_attention_bwd_delta_kernel(
     m_ok = offs_m < N
     d_ok = offs_d < D
     mask = m_ok[:, None] & d_ok[None, :]
-    o = tl.load(O + b * sob + h * soh + _off(offs_m[:, None], son) + _off(offs_d[None, :], sod), mask=mask, other=0.0)
-    do = tl.load(DO + b * sdb + h * sdh + _off(offs_m[:, None], sdn) + _off(offs_d[None, :], sdd),
+    o = tl.load(O + b * sob + h * soh + _off(offs_m[:, None], son) + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + _off(offs_m[:, None], sdn) + offs_d[None, :],
                  mask=mask, other=0.0).to(tl.float32)
     delta = tl.sum(o.to(tl.float32) * do, 1)
     row = bh.to(tl.int64) * N + offs_m
@@ -248,16 +277,26 @@ def _masked_attention_bwd_delta_kernel(
 @triton.jit
 def _masked_attention_bwd_dkdv_kernel(
     Q, K, V, KEEP, DO, MW, LAM, DVBAR, JSTAR, DELTA, DM, DK, DV, DKEEP,
-    sqb, sqh, sqn, sqd,
-    skb, skh, skn, skd,
-    svb, svh, svn, svd,
-    sdb, sdh, sdn, sdd,
+    sqb, sqh, sqn,
+    skb, skh, skn,
+    svb, svh, svn,
+    sdb, sdh, sdn,
     skpb, skpn,
     H, N, D,
     scale,
     HAS_KEEP: tl.constexpr, HAS_EPS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """One program per (key block, (b, h)), looping over query tiles in transposed form.
+
+    The tiles are ``(BLOCK_N keys) × (BLOCK_M queries)``: ``Pᵀ = K Qᵀ · scale``,
+    ``eᵀ = exp((Pᵀ − m^w) − λ)`` (``e_ij / S_i``), ``aᵀ = G ∘ eᵀ`` (0 where ``G = 0``),
+    ``tᵀ = V dOᵀ − Δ``, ``dPᵀ = aᵀ ∘ tᵀ + [j = j*_i] dm_i``; ``dV += aᵀ dO``,
+    ``dK += dPᵀ Q``, ``dkeep_j += Σ_{i ≠ j} eᵀ_ji tᵀ_ji``.  Keys on the rows make the
+    per-key values (the gate, dkeep) per-row registers and every product a plain (not
+    transposed) operand; only ``eᵀ`` lives across the ``V dOᵀ`` product (``aᵀ`` is
+    formed again after it).
+    """
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -267,10 +306,8 @@ def _masked_attention_bwd_dkdv_kernel(
     n_ok = offs_n < N
     d_ok = offs_d < D
     nd_mask = n_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + b * skb + h * skh + _off(offs_n[:, None], skn) + _off(offs_d[None, :], skd),
-                mask=nd_mask, other=0.0)
-    v = tl.load(V + b * svb + h * svh + _off(offs_n[:, None], svn) + _off(offs_d[None, :], svd),
-                mask=nd_mask, other=0.0)
+    k = tl.load(K + b * skb + h * skh + _off(offs_n[:, None], skn) + offs_d[None, :], mask=nd_mask, other=0.0)
+    v = tl.load(V + b * svb + h * svh + _off(offs_n[:, None], svn) + offs_d[None, :], mask=nd_mask, other=0.0)
     if HAS_KEEP:
         g_off, g_diag = _gate(KEEP, b, skpb, skpn, offs_n, n_ok)
     q_base = Q + b * sqb + h * sqh
@@ -282,39 +319,43 @@ def _masked_attention_bwd_dkdv_kernel(
     for start_m in range(0, N, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < N
-        md_mask = m_ok[:, None] & d_ok[None, :]
-        q = tl.load(q_base + _off(offs_m[:, None], sqn) + _off(offs_d[None, :], sqd), mask=md_mask, other=0.0)
-        do = tl.load(do_base + _off(offs_m[:, None], sdn) + _off(offs_d[None, :], sdd), mask=md_mask, other=0.0)
+        qt = tl.load(q_base + _off(offs_m[None, :], sqn) + offs_d[:, None],
+                     mask=m_ok[None, :] & d_ok[:, None], other=0.0)
+        do = tl.load(do_base + _off(offs_m[:, None], sdn) + offs_d[None, :],
+                     mask=m_ok[:, None] & d_ok[None, :], other=0.0)
         mw = tl.load(MW + row_base + offs_m, mask=m_ok, other=0.0)
         lam = tl.load(LAM + row_base + offs_m, mask=m_ok, other=0.0)
         delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
-        diag = offs_m[:, None] == offs_n[None, :]
-        p = _dot(q, tl.trans(k), PRECISION, UPCAST) * scale
-        e = tl.exp((p - mw[:, None]) - lam[:, None])  # e_ij / S_i, relative to the row's largest weight
-        # No padding masks here: a padding row has dO = 0, so t = 0 and it adds nothing, and
-        # a padding key only reaches its own (never stored) dK, dV and dkeep.
+        pt = _dot(k, qt, PRECISION, UPCAST) * scale
+        et = tl.exp((pt - mw[None, :]) - lam[None, :])  # e_ij / S_i, relative to the row's largest weight
+        # No padding masks here: a padding query has dO = 0 (and Δ = 0), so t = 0 and it adds
+        # nothing, and a padding key only reaches its own (never stored) dK, dV and dkeep.
         if HAS_KEEP:
-            g = tl.where(diag, g_diag[None, :], g_off[None, :])
+            diag = offs_n[:, None] == offs_m[None, :]
+            gt = tl.where(diag, g_diag[:, None], g_off[:, None])
             # G = 0 gives 0 even where e overflowed (a dropped key far above the kept ones, eps = 0)
-            a = tl.where(g != 0, e * g, 0.0)
+            at = tl.where(gt != 0, et * gt, 0.0)
         else:
-            a = e
+            at = et
         # the eps part of Ã, ρ_i / N, is the same for every key: its dV share is added at the end
-        dv += _dot(tl.trans(_rnd(a, UPCAST)).to(do.dtype), do, PRECISION, UPCAST)
-        da = _dot(do, tl.trans(v), PRECISION, UPCAST)
-        t = da - delta[:, None]
-        dp = a * t
+        dv += _dot(_rnd(at, UPCAST).to(do.dtype), do, PRECISION, UPCAST)
+        tt = _dot(v, tl.trans(do), PRECISION, UPCAST) - delta[None, :]
+        if HAS_KEEP:
+            dkeep += tl.sum(tl.where(diag, 0.0, et * tt), 1)
+            # a again, as (guard, then gate) so that it is recomputed here rather than kept
+            # alive across the product above; (e g) t, not e (g t): e g ≤ 1 cannot overflow
+            dpt = (tl.where(gt != 0, et, 0.0) * gt) * tt
+        else:
+            dpt = et * tt
         if HAS_EPS:
             jstar = tl.load(JSTAR + row_base + offs_m, mask=m_ok, other=-1)
             dm = tl.load(DM + row_base + offs_m, mask=m_ok, other=0.0)
-            dp += tl.where(offs_n[None, :] == jstar[:, None], dm[:, None], 0.0)
-        dk += _dot(tl.trans(_rnd(dp, UPCAST)).to(q.dtype), q, PRECISION, UPCAST)
-        if HAS_KEEP:
-            dkeep += tl.sum(tl.where(diag, 0.0, e * t), 0)
+            dpt += tl.where(offs_n[:, None] == jstar[None, :], dm[None, :], 0.0)
+        dk += _dot(_rnd(dpt, UPCAST).to(qt.dtype), tl.trans(qt), PRECISION, UPCAST)
     dk = dk * scale
     if HAS_EPS:
         dv += tl.load(DVBAR + bh.to(tl.int64) * D + offs_d, mask=d_ok, other=0.0)[None, :]
-    out_off = b * sdb + h * sdh + _off(offs_n[:, None], sdn) + _off(offs_d[None, :], sdd)
+    out_off = b * sdb + h * sdh + _off(offs_n[:, None], sdn) + offs_d[None, :]
     tl.store(DK + out_off, _rnd(dk, UPCAST).to(DK.dtype.element_ty), mask=nd_mask)
     tl.store(DV + out_off, _rnd(dv, UPCAST).to(DV.dtype.element_ty), mask=nd_mask)
     if HAS_KEEP:
@@ -324,16 +365,18 @@ def _masked_attention_bwd_dkdv_kernel(
 @triton.jit
 def _masked_attention_bwd_dq_kernel(
     Q, K, V, KEEP, DO, MW, LAM, JSTAR, DELTA, DM, DQ,
-    sqb, sqh, sqn, sqd,
-    skb, skh, skn, skd,
-    svb, svh, svn, svd,
-    sdb, sdh, sdn, sdd,
+    sqb, sqh, sqn,
+    skb, skh, skn,
+    svb, svh, svn,
+    sdb, sdh, sdn,
     skpb, skpn,
     H, N, D,
     scale,
     HAS_KEEP: tl.constexpr, HAS_EPS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """One program per (query block, (b, h)): ``dQ_i = scale Σ_j dP_ij k_j`` over key tiles,
+    ``dP = a ∘ (dO Vᵀ − Δ) + [j = j*_i] dm_i`` with ``a = G ∘ exp((P − m^w) − λ)``."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -343,10 +386,8 @@ def _masked_attention_bwd_dq_kernel(
     m_ok = offs_m < N
     d_ok = offs_d < D
     md_mask = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b * sqb + h * sqh + _off(offs_m[:, None], sqn) + _off(offs_d[None, :], sqd),
-                mask=md_mask, other=0.0)
-    do = tl.load(DO + b * sdb + h * sdh + _off(offs_m[:, None], sdn) + _off(offs_d[None, :], sdd),
-                 mask=md_mask, other=0.0)
+    q = tl.load(Q + b * sqb + h * sqh + _off(offs_m[:, None], sqn) + offs_d[None, :], mask=md_mask, other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + _off(offs_m[:, None], sdn) + offs_d[None, :], mask=md_mask, other=0.0)
     row_base = bh.to(tl.int64) * N
     mw = tl.load(MW + row_base + offs_m, mask=m_ok, other=0.0)
     lam = tl.load(LAM + row_base + offs_m, mask=m_ok, other=0.0)
@@ -361,8 +402,8 @@ def _masked_attention_bwd_dq_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         nd_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + _off(offs_n[:, None], skn) + _off(offs_d[None, :], skd), mask=nd_mask, other=0.0)
-        v = tl.load(v_base + _off(offs_n[:, None], svn) + _off(offs_d[None, :], svd), mask=nd_mask, other=0.0)
+        k = tl.load(k_base + _off(offs_n[:, None], skn) + offs_d[None, :], mask=nd_mask, other=0.0)
+        v = tl.load(v_base + _off(offs_n[:, None], svn) + offs_d[None, :], mask=nd_mask, other=0.0)
         p = _dot(q, tl.trans(k), PRECISION, UPCAST) * scale
         e = tl.exp((p - mw[:, None]) - lam[:, None])
         # padding rows are never stored; a padding key must add nothing (its k is 0, e may be inf)
@@ -378,7 +419,7 @@ def _masked_attention_bwd_dq_kernel(
             dp += tl.where(offs_n[None, :] == jstar[:, None], dm[:, None], 0.0)
         dq += _dot(_rnd(dp, UPCAST).to(k.dtype), k, PRECISION, UPCAST)
     dq = dq * scale
-    tl.store(DQ + b * sdb + h * sdh + _off(offs_m[:, None], sdn) + _off(offs_d[None, :], sdd),
+    tl.store(DQ + b * sdb + h * sdh + _off(offs_m[:, None], sdn) + offs_d[None, :],
              _rnd(dq, UPCAST).to(DQ.dtype.element_ty), mask=md_mask)
 
 
@@ -396,42 +437,111 @@ def _interpret_tiles(n: int) -> dict:
     return dict(BLOCK_M=tile, BLOCK_N=tile)
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages): a short list, so that the first call at a
-# new N tunes in seconds; tiles too large for shared memory are skipped by the autotuner.
-_FWD_CONFIGS = [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (128, 32, 4, 3), (64, 32, 4, 2)]
-_BWD_CONFIGS = [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (64, 128, 8, 2)]
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, kind of product and head-dim
+# class (BLOCK_D: 16 and 32 share a list): short lists, so that the first call at a new
+# N tunes in seconds.  BLOCK_M counts queries and BLOCK_N keys in every kernel.  Kinds:
+# "wgmma" (float16/bfloat16 on sm_90, Hopper), "mma" (float16/bfloat16 elsewhere: the
+# lists are checked for sm_80) and "fma" (fp32, IEEE products on the CUDA cores, whose
+# operands sit in registers: hence the small tiles).  Every list holds only tiles that
+# ptxas compiles without spilling registers on its architecture, with and without a keep
+# mask, within its shared memory; "wgmma" tiles have the 64 rows per warpgroup that
+# wgmma needs (the queries of fwd and dq, the keys of the transposed dK/dV tiles).
+_CONFIG_TABLE: dict[tuple[str, str, int], list[tuple[int, int, int, int]]] = {
+    ("fwd", "wgmma", 32): [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2)],
+    ("fwd", "wgmma", 64): [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (128, 32, 4, 3),
+                           (64, 32, 4, 2)],
+    ("fwd", "wgmma", 128): [(128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 2)],
+    ("fwd", "wgmma", 256): [(64, 32, 4, 2), (64, 32, 8, 2), (64, 64, 8, 2)],
+    ("fwd", "mma", 32): [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2)],
+    ("fwd", "mma", 64): [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2)],
+    ("fwd", "mma", 128): [(128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 2)],
+    ("fwd", "mma", 256): [(64, 32, 8, 2), (64, 64, 8, 2)],
+    ("fwd", "fma", 32): [(32, 32, 4, 2), (32, 16, 4, 2), (32, 32, 8, 2), (16, 16, 4, 2)],
+    ("fwd", "fma", 64): [(32, 16, 4, 2), (32, 32, 8, 2), (16, 16, 4, 2)],
+    ("fwd", "fma", 128): [(32, 16, 4, 2), (32, 32, 8, 2)],
+    ("fwd", "fma", 256): [(16, 16, 4, 2), (16, 16, 8, 2)],
+    ("bwd_dkdv", "wgmma", 32): [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2)],
+    ("bwd_dkdv", "wgmma", 64): [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2)],
+    ("bwd_dkdv", "wgmma", 128): [(64, 64, 8, 2), (32, 64, 8, 2), (32, 128, 8, 2)],
+    ("bwd_dkdv", "wgmma", 256): [(32, 64, 8, 2)],
+    ("bwd_dkdv", "mma", 32): [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2)],
+    ("bwd_dkdv", "mma", 64): [(32, 64, 4, 2), (32, 128, 8, 2), (64, 32, 4, 2), (64, 32, 8, 2), (32, 32, 4, 2)],
+    ("bwd_dkdv", "mma", 128): [(64, 64, 8, 2), (32, 64, 8, 2), (64, 32, 8, 2), (32, 32, 8, 2)],
+    ("bwd_dkdv", "mma", 256): [(32, 32, 8, 2), (64, 32, 8, 2)],
+    ("bwd_dkdv", "fma", 32): [(16, 32, 4, 2), (32, 32, 8, 2), (16, 16, 4, 2)],
+    ("bwd_dkdv", "fma", 64): [(32, 16, 4, 2), (16, 32, 4, 2), (32, 32, 8, 2), (16, 16, 4, 2)],
+    ("bwd_dkdv", "fma", 128): [(16, 16, 4, 2), (16, 32, 8, 2), (32, 16, 8, 2)],
+    ("bwd_dkdv", "fma", 256): [(32, 16, 8, 2), (16, 32, 8, 2), (16, 16, 8, 1)],
+    ("bwd_dq", "wgmma", 32): [(64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 4, 2), (128, 64, 8, 2), (64, 128, 8, 2)],
+    ("bwd_dq", "wgmma", 64): [(64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 4, 2), (128, 64, 8, 2), (64, 128, 8, 2)],
+    ("bwd_dq", "wgmma", 128): [(64, 64, 8, 2), (64, 32, 4, 2), (64, 32, 8, 2), (128, 64, 8, 2)],
+    ("bwd_dq", "wgmma", 256): [(64, 32, 8, 2), (64, 16, 8, 2)],
+    ("bwd_dq", "mma", 32): [(64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 4, 2), (128, 64, 8, 2), (32, 64, 4, 2)],
+    ("bwd_dq", "mma", 64): [(64, 64, 8, 2), (64, 32, 4, 2), (128, 64, 8, 2), (32, 64, 4, 2), (32, 64, 8, 2)],
+    ("bwd_dq", "mma", 128): [(64, 64, 8, 2), (64, 32, 4, 2), (64, 32, 8, 2), (32, 64, 8, 2)],
+    ("bwd_dq", "mma", 256): [(64, 16, 8, 2), (32, 32, 4, 2), (32, 64, 8, 2)],
+    ("bwd_dq", "fma", 32): [(32, 32, 4, 2), (32, 16, 4, 2), (16, 32, 4, 2), (32, 32, 8, 2)],
+    ("bwd_dq", "fma", 64): [(32, 16, 4, 2), (16, 32, 4, 2), (32, 32, 8, 2)],
+    ("bwd_dq", "fma", 128): [(32, 16, 4, 2), (16, 16, 4, 2)],
+    ("bwd_dq", "fma", 256): [(16, 16, 4, 2), (16, 16, 8, 2)],
+}
 
 
-def _configs(name: str) -> list:
-    table = _FWD_CONFIGS if name == "fwd" else _BWD_CONFIGS
+def _product_kind(dtype: torch.dtype, device: torch.device) -> str:
+    """The config kind of a launch: "fma" for fp32 (IEEE products), else "wgmma" on an
+    sm_90 (Hopper) CUDA device and "mma" on any other."""
+    if dtype == torch.float32:
+        return "fma"
+    if device.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(device)[0] == 9:
+        return "wgmma"
+    return "mma"
+
+
+def _configs(name: str, kind: str, block_d: int) -> list:
+    """The autotune configs of kernel ``name`` ("fwd", "bwd_dkdv", "bwd_dq") for products of
+    ``kind`` (see :func:`_product_kind`) at head-dim tile ``block_d``."""
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
-        for bm, bn, warps, stages in table
+        for bm, bn, warps, stages in _CONFIG_TABLE[name, kind, max(32, block_d)]
     ]
 
 
 _TUNED: dict = {}
 
 
-def _kernel(name: str, fn):
-    """The autotuned wrapper of ``fn`` (built once, only when kernels really compile)."""
-    if name not in _TUNED:
+def _kernel(name: str, fn: triton.JITFunction, kind: str, block_d: int) -> triton.runtime.Autotuner:
+    """The autotuned wrapper of ``fn`` for one config list (built once, only when kernels
+    really compile); it tunes per ``N`` and kernel variant."""
+    table = (name, kind, max(32, block_d))
+    if table not in _TUNED:
         key = ["N", "BLOCK_D", "HAS_KEEP", "HAS_EPS", "PRECISION"]
-        _TUNED[name] = triton.autotune(configs=_configs(name), key=key)(fn)
-    return _TUNED[name]
+        _TUNED[table] = triton.autotune(configs=_configs(name, kind, block_d), key=key)(fn)
+    return _TUNED[table]
 
 
-def _launch(name: str, fn, blocks_along: str, n: int, bh: int, *args, **kwargs) -> None:
+def _launch(
+    name: str, fn: triton.JITFunction, blocks_along: str, n: int, bh: int, kind: str, *args, **kwargs
+) -> None:
+    """Launch ``fn`` over ``(cdiv(n, BLOCK), bh)`` programs: fixed tiles in the interpreter,
+    the autotuned configs of ``kind`` on a GPU."""
     if _interpreting():
         tiles = _interpret_tiles(n)
         fn[(triton.cdiv(n, tiles[blocks_along]), bh)](*args, **kwargs, **tiles)
         return
     grid = lambda meta: (triton.cdiv(n, meta[blocks_along]), bh)  # noqa: E731
-    _kernel(name, fn)[grid](*args, **kwargs)
+    _kernel(name, fn, kind, kwargs["BLOCK_D"])[grid](*args, **kwargs)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with unit stride along its last (head) dim, copied only when it has another
+    one: the kernels take the head dim as contiguous (vector loads, and no per-element
+    64-bit addresses)."""
+    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
 def _strides(t: torch.Tensor) -> tuple:
-    return tuple(t.stride())
+    """``(batch, head, token)`` strides of a (B, H, N, D) tensor with a unit head-dim stride."""
+    return tuple(t.stride()[:3])
 
 
 def _keep_args(keep: Optional[torch.Tensor], q: torch.Tensor) -> tuple:
@@ -477,7 +587,8 @@ def masked_attention_fwd(
     ``jstar`` (B, H, N) int32, the first argmax of each row (-1 without eps terms);
     ``out32`` the float32 output (B, H, N, D) when ``need_grad`` and q is
     float16/bfloat16, else an empty tensor.  ``keep`` is None (G = 1, no eps terms) or a
-    float tensor (B, N).  q, k, v may have any strides.  With an empty output (a zero
+    float tensor (B, N).  q, k, v may have any strides (one with a head-dim stride other
+    than 1 is copied first).  With an empty output (a zero
     dim) the row statistics are placeholders (0, and -1 for jstar).
     """
     B, H, N, D = q.shape
@@ -488,11 +599,12 @@ def masked_attention_fwd(
     out32 = torch.empty((B, H, N, D) if store_o32 else (0,), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, mw.zero_(), lam.zero_(), rho.zero_(), jstar.fill_(-1), out32.zero_()
+    q, k, v = _rows(q), _rows(k), _rows(v)
     keep_t, skpb, skpn = _keep_args(keep, q)
     has_eps, log_eps, inv_n = _eps_args(keep, eps, N)
     vbar = _vbar(v) if has_eps else mw
     _launch(
-        "fwd", _masked_attention_fwd_kernel, "BLOCK_M", N, B * H,
+        "fwd", _masked_attention_fwd_kernel, "BLOCK_M", N, B * H, _product_kind(q.dtype, q.device),
         q, k, v, keep_t, vbar, out, out32, mw, lam, rho, jstar,
         *_strides(q), *_strides(k), *_strides(v),
         skpb, skpn, H, N, D,
@@ -533,7 +645,8 @@ def masked_attention_bwd(
     dkeep_heads = torch.zeros((B, H, N), dtype=torch.float32, device=q.device)
     if dq.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_(), dkeep_heads.sum(1)
-    o = out32.view(B, H, N, D) if out32.numel() else out
+    q, k, v = _rows(q), _rows(k), _rows(v)
+    o = _rows(out32.view(B, H, N, D) if out32.numel() else out)
     has_eps, _, inv_n = _eps_args(keep, eps, N)
     mw, lam, rho, jstar = mw.contiguous(), lam.contiguous(), rho.contiguous(), jstar.contiguous()
     vbar = _vbar(v) if has_eps else rho
@@ -550,15 +663,16 @@ def masked_attention_bwd(
     keep_t, skpb, skpn = _keep_args(keep, q)
     common = dict(HAS_KEEP=keep is not None, HAS_EPS=has_eps, PRECISION=_precision(q.dtype),
                   UPCAST=_upcast(q.dtype), BLOCK_D=block_d)
+    kind = _product_kind(q.dtype, q.device)
     # dq, dk, dv and grad are contiguous (B, H, N, D): they share the strides of grad.
     _launch(
-        "bwd_dkdv", _masked_attention_bwd_dkdv_kernel, "BLOCK_N", N, B * H,
+        "bwd_dkdv", _masked_attention_bwd_dkdv_kernel, "BLOCK_N", N, B * H, kind,
         q, k, v, keep_t, grad, mw, lam, dvbar, jstar, delta, dm, dk, dv, dkeep_heads,
         *_strides(q), *_strides(k), *_strides(v), *_strides(grad),
         skpb, skpn, H, N, D, float(scale), **common,
     )
     _launch(
-        "bwd_dq", _masked_attention_bwd_dq_kernel, "BLOCK_M", N, B * H,
+        "bwd_dq", _masked_attention_bwd_dq_kernel, "BLOCK_M", N, B * H, kind,
         q, k, v, keep_t, grad, mw, lam, jstar, delta, dm, dq,
         *_strides(q), *_strides(k), *_strides(v), *_strides(grad),
         skpb, skpn, H, N, D, float(scale), **common,
