@@ -36,6 +36,7 @@ PACKAGES = [
     "sparsevit.integrations",
     "sparsevit.models",
     "sparsevit.datasets",
+    "sparsevit.kernel_report",
     "sparsevit.cli",
 ]
 
