@@ -1,23 +1,14 @@
 """CI checks from the kernel report: every kernel compiles for sm_80 and sm_90, nothing spills,
 and the tensor-core kernels lower to Hopper's ``wgmma`` on sm_90.
 
-Known exceptions are listed below with their reasons and checked as strict expected
-failures: when one is fixed its test passes unexpectedly and fails the run, so the
-list is kept true.
+No exception is allowed today: a config that spills or (fp16/bf16 on sm_90) does not
+lower to wgmma fails its test, naming the config.  (The CUDA extension's known spills
+are strict expected failures in ``test_report_cuda_ext.py``.)
 """
 
 from __future__ import annotations
 
-import pytest
-
 from sparsevit.kernel_report.specs import families
-
-# (variant, arch) of Triton configs in the CI subset known to spill: reason.  None today.
-EXPECTED_TRITON_SPILLS: dict[tuple[str, str], str] = {}
-
-# variants of the masked-attention tensor-core kernels known not to lower to wgmma on sm_90: reason.
-EXPECTED_ATTENTION_NO_WGMMA: dict[str, str] = {}
-
 
 def _ok(run) -> list[dict]:
     return [r for r in run.doc["triton"] if not r.get("error")]
@@ -42,22 +33,9 @@ def _spilling(run) -> dict[tuple[str, str], int]:
     return {(r["variant"], r["arch"]): r["spills"] for r in _ok(run) if r["spills"]}
 
 
-def test_no_unexpected_spills(ci_report) -> None:
-    unexpected = {k: v for k, v in _spilling(ci_report).items() if k not in EXPECTED_TRITON_SPILLS}
-    assert not unexpected, "\n".join(f"{v} {a}: {n} B spilled" for (v, a), n in unexpected.items())
-
-
-def _expected(table: dict, what: str) -> list:
-    """One strict expected failure per entry of ``table``; a skip that says so when it is empty."""
-    if not table:
-        return [pytest.param(None, marks=pytest.mark.skip(reason=f"no {what} is known today"), id="none")]
-    return [pytest.param(k, marks=pytest.mark.xfail(strict=True, reason=why), id=" ".join(k) if isinstance(k, tuple) else k)
-            for k, why in table.items()]
-
-
-@pytest.mark.parametrize("key", _expected(EXPECTED_TRITON_SPILLS, "Triton config in the CI subset that spills"))
-def test_known_triton_spill(ci_report, key: tuple[str, str]) -> None:
-    assert key not in _spilling(ci_report)
+def test_no_config_spills(ci_report) -> None:
+    spilling = _spilling(ci_report)
+    assert not spilling, "\n".join(f"{v} {a}: {n} B spilled" for (v, a), n in spilling.items())
 
 
 def _tensor_core_sm90(run, family: str) -> list[dict]:
@@ -76,16 +54,8 @@ def test_attention_lowers_to_wgmma_on_sm90(ci_report) -> None:
     kernels = {r["kernel"] for r in records}
     assert {"_masked_attention_fwd_kernel", "_masked_attention_bwd_dkdv_kernel", "_masked_attention_bwd_dq_kernel"} <= kernels
     assert {r["labels"]["dtype"] for r in records} == {"bf16", "fp16"}
-    gone = set(EXPECTED_ATTENTION_NO_WGMMA) - {r["variant"] for r in records}
-    assert not gone, f"not in the CI subset any more, drop from EXPECTED_ATTENTION_NO_WGMMA: {sorted(gone)}"
-    unexpected = {v: m for v, m in _not_wgmma(records).items() if v not in EXPECTED_ATTENTION_NO_WGMMA}
-    assert not unexpected, "\n".join(f"{v}: {m}" for v, m in unexpected.items())
-
-
-@pytest.mark.parametrize("variant", _expected(EXPECTED_ATTENTION_NO_WGMMA, "fp16/bf16 attention config without wgmma"))
-def test_known_attention_without_wgmma(ci_report, variant: str) -> None:
-    records = [r for r in _tensor_core_sm90(ci_report, "masked_attention") if r["variant"] == variant]
-    assert records and not _not_wgmma(records)
+    missing = _not_wgmma(records)
+    assert not missing, "\n".join(f"{v}: {m}" for v, m in missing.items())
 
 
 def test_block_sparse_wgmma_fraction_is_reported(ci_report) -> None:
