@@ -44,16 +44,9 @@ def _args(layout: BlockSparseLayout) -> tuple:
 # ----------------------------------------------------------------------------------
 # dds / dsd: tokens on M
 # ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("transposed", [False, True], ids=["B=S", "B=St"])
-@pytest.mark.parametrize("tokens", [(1,), (33,), (2, 37)], ids=str)
-def test_dds_odd_tokens(dtype: torch.dtype, transposed: bool, tokens: tuple) -> None:
-    """Batch 1, a token count past one 32-row tile, batch dims; forward and both gradients."""
-    dev = _dev()
-    layout = _layout(3, 4, dev)  # (48, 64): an empty block row and column
-    m, k = layout.shape
-    a = torch.randn(*tokens, k if transposed else m, device=dev)
-    values = torch.randn(layout.nnz_blocks, 16, 16, device=dev)
+def _dds_case(layout: BlockSparseLayout, a: torch.Tensor, values: torch.Tensor, transposed: bool,
+              dtype: torch.dtype) -> None:
+    """``dds(a, B)`` (``B = S`` or ``Sᵀ``) on the Triton backend against the reference, forward and gradients."""
 
     def op(a, v):
         mat = BlockSparseMatrix(v, layout)
@@ -63,6 +56,18 @@ def test_dds_odd_tokens(dtype: torch.dtype, transposed: bool, tokens: tuple) -> 
         return reference.dds(a, v, *_args(layout), transposed)
 
     _run_case(op, ref, [a, values], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("transposed", [False, True], ids=["B=S", "B=St"])
+@pytest.mark.parametrize("tokens", [(1,), (33,), (2, 37)], ids=str)
+def test_dds_odd_tokens(dtype: torch.dtype, transposed: bool, tokens: tuple) -> None:
+    """Batch 1, a token count past one 32-row tile, batch dims; forward and both gradients."""
+    dev = _dev()
+    layout = _layout(3, 4, dev)  # (48, 64): an empty block row and column
+    m, k = layout.shape
+    a = torch.randn(*tokens, k if transposed else m, device=dev)
+    _dds_case(layout, a, torch.randn(layout.nnz_blocks, 16, 16, device=dev), transposed, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -74,16 +79,7 @@ def test_dds_block_32_sub_steps(dtype: torch.dtype, transposed: bool) -> None:
     mask = torch.tensor([[1, 0, 1], [1, 0, 0], [1, 0, 1]], dtype=torch.bool)
     layout = BlockSparseLayout.from_mask(mask.to(dev), 32)  # (96, 96)
     a = _noncontiguous(torch.randn(2, 19, 96, device=dev))
-    values = torch.randn(layout.nnz_blocks, 32, 32, device=dev)
-
-    def op(a, v):
-        mat = BlockSparseMatrix(v, layout)
-        return sparsevit.dds(a, mat.t() if transposed else mat, backend=TRITON)
-
-    def ref(a, v):
-        return reference.dds(a, v, *_args(layout), transposed)
-
-    _run_case(op, ref, [a, values], dtype)
+    _dds_case(layout, a, torch.randn(layout.nnz_blocks, 32, 32, device=dev), transposed, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

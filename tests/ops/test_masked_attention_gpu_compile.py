@@ -19,7 +19,8 @@ import sys
 
 import pytest
 
-SCRIPT = r'''
+# The kernels module and its pointer arguments (fp32 ones: the statistics and the mask).
+HEADER = r'''
 import importlib, sys
 import triton
 from triton.backends.compiler import GPUTarget
@@ -29,6 +30,9 @@ kernels = importlib.import_module("sparsevit.kernels.masked_attention")
 POINTERS = {"Q", "K", "V", "KEEP", "O", "O32", "MW", "LAM", "RHO", "JSTAR", "DO", "VBAR", "DVBAR", "DELTA", "DM",
             "DK", "DV", "DKEEP", "DQ"}
 FP32_POINTERS = {"O32", "MW", "LAM", "RHO", "VBAR", "DVBAR", "DELTA", "DM", "DKEEP", "KEEP"}
+'''
+
+SCRIPT = HEADER + r'''
 def compile_one(kernel, dtype, has_keep, head):
     fn = getattr(kernels, kernel)
     block = 32 if dtype == "fp32" else 64
@@ -75,28 +79,12 @@ def test_compiles_for_sm90(dtype: str, has_keep: bool, head: int) -> None:
     assert done.stdout.count("compiled") == 4, done.stdout
 
 
-SPILL_SCRIPT = r'''
-import importlib, re, subprocess, sys, tempfile, os
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
-kernels = importlib.import_module("sparsevit.kernels.masked_attention")
-POINTERS = {"Q", "K", "V", "KEEP", "O", "O32", "MW", "LAM", "RHO", "JSTAR", "DO", "VBAR", "DVBAR", "DELTA", "DM",
-            "DK", "DV", "DKEEP", "DQ"}
-FP32_POINTERS = {"O32", "MW", "LAM", "RHO", "VBAR", "DVBAR", "DELTA", "DM", "DKEEP", "KEEP"}
+SPILL_SCRIPT = HEADER + r'''
+import os, subprocess, tempfile
+from sparsevit.kernel_report.ptxas_log import parse_ptxas_log
+from sparsevit.kernel_report.tools import find_tool
 NAMES = {"_masked_attention_fwd_kernel": "fwd", "_masked_attention_bwd_dkdv_kernel": "bwd_dkdv",
          "_masked_attention_bwd_dq_kernel": "bwd_dq"}
-
-
-def ptxas_path(arch):
-    from triton.backends.nvidia import compiler
-    if hasattr(compiler, "get_ptxas"):
-        try:
-            return compiler.get_ptxas(arch).path
-        except TypeError:
-            return compiler.get_ptxas().path
-    return compiler._path_to_binary("ptxas")[0]
 
 
 def spills(ptx, arch):
@@ -106,11 +94,13 @@ def spills(ptx, arch):
         src = os.path.join(tmp, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        base = [ptxas_path(arch), "-v", "-lineinfo", f"--gpu-name={gpu}", src, "-o", os.path.join(tmp, "k.o")]
+        base = [find_tool("ptxas"), "-v", "-lineinfo", f"--gpu-name={gpu}", src, "-o", os.path.join(tmp, "k.o")]
         done = subprocess.run(base[:1] + ["--regAllocOptLevel=2"] + base[1:], capture_output=True, text=True)
         if done.returncode != 0:
             done = subprocess.run(base, check=True, capture_output=True, text=True)
-    return int(re.search(r"(\d+) bytes spill stores", done.stderr).group(1))
+    found = parse_ptxas_log(done.stderr)
+    assert found, "ptxas -v reported no entry function:\n" + done.stderr
+    return sum(r.spill_stores for r in found.values())
 
 
 def compile_all(kernel, dtype, has_keep, head, arch):
